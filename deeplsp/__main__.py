@@ -1,0 +1,5 @@
+import sys
+
+from deeplsp.cli import main
+
+sys.exit(main())

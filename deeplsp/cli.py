@@ -1,0 +1,282 @@
+"""The `deeplsp` command line.
+
+Every user mistake ends as one line `deeplsp: error: ...` and exit code 2,
+never a traceback. Heavy imports (torch) happen inside the commands that need
+them, so `deeplsp devices` and `--help` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from deeplsp import __version__
+from deeplsp.errors import DeepLSPError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (the usage block is in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument types: reject bad numbers at parse time with a one-line error --
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+for _fn, _name in (
+    (_positive_int, "positive integer"),
+    (_non_negative_int, "integer >= 0"),
+    (_positive_float, "number > 0"),
+    (_non_negative_float, "number >= 0"),
+):
+    _fn.__name__ = _name  # argparse names the type in "invalid <name> value"
+
+
+# -- commands ----------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> None:
+    from deeplsp.pipeline import train_dense
+    from deeplsp.training import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.train_device,
+    )
+    out = args.out or Path("runs") / f"{args.model}-{args.dataset}" / "dense.pt"
+    s = train_dense(
+        args.model,
+        args.dataset,
+        out,
+        cfg,
+        data_dir=args.data_dir,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        pretrained=args.pretrained,
+        download=args.download,
+        workers=args.workers,
+    )
+    rows = [
+        ("model", f"{s['model']} on {s['dataset']}"),
+        ("train / test samples", f"{s['train_samples']} / {s['test_samples']}"),
+        ("epochs", f"{s['train']['epochs']} on {s['train']['device']}"),
+        ("test top-1 / top-5", f"{s['test']['top1']:.2%} / {s['test']['top5']:.2%}"),
+        ("parameters", f"{s['cost']['params']:,}"),
+        ("MACs", f"{s['cost']['macs']:,}"),
+        ("train time", f"{s['seconds']['train']:.1f} s"),
+        ("checkpoint", s["checkpoint"]),
+    ]
+    _print_table(rows)
+    if s["left_fresh"]:
+        print(f"pretrained weights: left at fresh init: {', '.join(s['left_fresh'])}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from deeplsp.pipeline import export_checkpoint
+
+    out = args.out or Path(args.checkpoint).with_suffix(".onnx")
+    r = export_checkpoint(
+        args.checkpoint,
+        out,
+        batch=args.batch,
+        opset=args.opset,
+        simplify=args.simplify,
+        atol=args.atol,
+    )
+    _print_table(
+        [
+            ("onnx", str(r.path)),
+            ("input shape", "x".join(map(str, r.input_shape))),
+            ("exporter / opset", f"{r.exporter} / {r.opset}"),
+            ("simplified", "yes" if r.simplified else "no"),
+            ("size", f"{r.size_bytes / 1e6:.2f} MB"),
+            ("max |torch - onnxruntime|", f"{r.max_abs_diff:.2e} (tolerance {r.atol:g})"),
+        ]
+    )
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from devices import get_device
+    from profiling.profile import profile_onnx
+
+    device = get_device(args.device)
+    if args.threads is not None:
+        from dataclasses import replace
+
+        device = replace(device, threads=args.threads)
+    r = profile_onnx(args.model, device, warmup=args.warmup, iters=args.iters)
+    lat = r["latency_ms"]
+    _print_table(
+        [
+            ("model", r["model"]),
+            ("device", f"{device.name} ({r['fingerprint']['cpu']}, id {r['fingerprint']['id']})"),
+            ("runtime", f"onnxruntime {lat['settings'].get('version')}, "
+                        f"{lat['settings'].get('intra_op_threads')} threads"),
+            ("latency median / p90", f"{lat['median']:.3f} / {lat['p90']:.3f} ms"),
+            ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (n={lat['n']})"),
+            ("parameters", f"{r['cost']['params']:,}"),
+            ("MACs", f"{r['cost']['macs']:,}"),
+            ("file size", f"{r['size_bytes'] / 1e6:.2f} MB"),
+        ]
+    )
+    if args.json:
+        from deeplsp.atomic import write_json
+
+        write_json(args.json, r)
+        print(f"wrote {args.json}")
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
+    from devices import DEVICES, fingerprint
+
+    rows = []
+    for d in DEVICES:
+        missing = [m for m in d.requires if find_spec(m) is None]
+        status = "ready" if not missing else f"needs {', '.join(missing)}"
+        fp = fingerprint(d)["id"] if not missing else "-"
+        rows.append((d.name, d.backend, d.precision, d.batch, d.resolved_threads(),
+                     d.channel_multiple, status, fp, d.description))
+    headers = ("device", "backend", "precision", "batch", "threads", "channel multiple",
+               "status", "fingerprint", "description")
+    _print_table(rows, headers)
+    if args.json:
+        print(json.dumps([fingerprint(d) for d in DEVICES], indent=2))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from deeplsp.models import MODELS
+
+    _print_table([(m.name, m.description) for m in MODELS], ("model", "description"))
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from deeplsp.datasets import DATASETS
+
+    rows = [(d.name, d.num_classes, f"{d.in_channels}x{d.input_size}x{d.input_size}",
+             d.description) for d in DATASETS]
+    _print_table(rows, ("dataset", "classes", "input", "description"))
+
+
+def _print_table(rows: Sequence[Sequence], headers: Sequence[str] = ()) -> None:
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=headers, tablefmt="simple" if headers else "plain"))
+
+
+# -- parser ------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    # Names come from the registries; importing them costs a torch import, paid
+    # only when a command that takes a model or dataset is parsed.
+    from deeplsp.datasets import DATASETS
+    from deeplsp.models import MODELS
+    from devices import DEVICES
+
+    p = _Parser(
+        prog="deeplsp",
+        description="Latency-aware pruning of CNNs for edge devices.",
+    )
+    p.add_argument("--version", action="version", version=f"deeplsp {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a dense model and save a checkpoint")
+    t.add_argument("--model", required=True, choices=MODELS.names())
+    t.add_argument("--dataset", required=True, choices=DATASETS.names())
+    t.add_argument("--data-dir", type=Path, help="where the dataset lies (default: see README)")
+    t.add_argument("--download", action="store_true", help="download the dataset if missing")
+    t.add_argument("--out", type=Path, help="checkpoint path (default runs/MODEL-DATASET/dense.pt)")
+    t.add_argument("--epochs", type=_non_negative_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    t.add_argument("--lr", type=_positive_float, default=0.05)
+    t.add_argument("--weight-decay", type=_non_negative_float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--train-device", choices=("auto", "cpu", "cuda"), default="auto")
+    t.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers")
+    t.add_argument("--train-subset", type=_positive_int, help="train on this many images")
+    t.add_argument("--test-subset", type=_positive_int, help="evaluate on this many images")
+    t.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (needs internet once)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a checkpoint to a verified ONNX file")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--out", type=Path, help="ONNX path (default: the checkpoint's, .onnx)")
+    e.add_argument("--batch", type=_positive_int, default=1)
+    e.add_argument("--opset", type=_positive_int, default=18)
+    e.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    e.add_argument("--atol", type=_positive_float, default=1e-3,
+                   help="largest |torch - onnxruntime| accepted")
+    e.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("profile", help="measure an ONNX model's latency on a device")
+    pr.add_argument("model", type=Path, help="ONNX file")
+    pr.add_argument("--device", default="cpu", choices=DEVICES.names())
+    pr.add_argument("--warmup", type=_non_negative_int, default=20)
+    pr.add_argument("--iters", type=_positive_int, default=100)
+    pr.add_argument("--threads", type=_positive_int, help="override the device's thread count")
+    pr.add_argument("--json", type=Path, help="also write the measurement to this file")
+    pr.set_defaults(func=cmd_profile)
+
+    d = sub.add_parser("devices", help="list target devices and whether they are ready")
+    d.add_argument("--json", action="store_true", help="print full fingerprints as JSON")
+    d.set_defaults(func=cmd_devices)
+
+    sub.add_parser("models", help="list models").set_defaults(func=cmd_models)
+    sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except DeepLSPError as exc:
+        print(f"deeplsp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deeplsp: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

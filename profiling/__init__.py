@@ -1,0 +1,1 @@
+"""Latency runners (one interface, one backend per runtime) and model cost counting."""
