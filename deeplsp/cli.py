@@ -146,8 +146,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
         [
             ("model", r["model"]),
             ("device", f"{device.name} ({r['fingerprint']['cpu']}, id {r['fingerprint']['id']})"),
-            ("runtime", f"onnxruntime {lat['settings'].get('version')}, "
-                        f"{lat['settings'].get('intra_op_threads')} threads"),
+            (
+                "runtime",
+                f"onnxruntime {lat['settings'].get('version')}, "
+                f"{lat['settings'].get('intra_op_threads')} threads",
+            ),
             ("latency median / p90", f"{lat['median']:.3f} / {lat['p90']:.3f} ms"),
             ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (n={lat['n']})"),
             ("parameters", f"{r['cost']['params']:,}"),
@@ -172,10 +175,30 @@ def cmd_devices(args: argparse.Namespace) -> None:
         missing = [m for m in d.requires if find_spec(m) is None]
         status = "ready" if not missing else f"needs {', '.join(missing)}"
         fp = fingerprint(d)["id"] if not missing else "-"
-        rows.append((d.name, d.backend, d.precision, d.batch, d.resolved_threads(),
-                     d.channel_multiple, status, fp, d.description))
-    headers = ("device", "backend", "precision", "batch", "threads", "channel multiple",
-               "status", "fingerprint", "description")
+        rows.append(
+            (
+                d.name,
+                d.backend,
+                d.precision,
+                d.batch,
+                d.resolved_threads(),
+                d.channel_multiple,
+                status,
+                fp,
+                d.description,
+            )
+        )
+    headers = (
+        "device",
+        "backend",
+        "precision",
+        "batch",
+        "threads",
+        "channel multiple",
+        "status",
+        "fingerprint",
+        "description",
+    )
     _print_table(rows, headers)
     if args.json:
         print(json.dumps([fingerprint(d) for d in DEVICES], indent=2))
@@ -190,8 +213,10 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_datasets(args: argparse.Namespace) -> None:
     from deeplsp.datasets import DATASETS
 
-    rows = [(d.name, d.num_classes, f"{d.in_channels}x{d.input_size}x{d.input_size}",
-             d.description) for d in DATASETS]
+    rows = [
+        (d.name, d.num_classes, f"{d.in_channels}x{d.input_size}x{d.input_size}", d.description)
+        for d in DATASETS
+    ]
     _print_table(rows, ("dataset", "classes", "input", "description"))
 
 
@@ -233,8 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers")
     t.add_argument("--train-subset", type=_positive_int, help="train on this many images")
     t.add_argument("--test-subset", type=_positive_int, help="evaluate on this many images")
-    t.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (needs internet once)")
+    t.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from torchvision's ImageNet weights (needs internet once)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a checkpoint to a verified ONNX file")
@@ -243,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_positive_int, default=1)
     e.add_argument("--opset", type=_positive_int, default=18)
     e.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    e.add_argument("--atol", type=_positive_float, default=1e-3,
-                   help="largest |torch - onnxruntime| accepted")
+    e.add_argument(
+        "--atol", type=_positive_float, default=1e-3, help="largest |torch - onnxruntime| accepted"
+    )
     e.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("profile", help="measure an ONNX model's latency on a device")

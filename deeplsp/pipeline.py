@@ -8,13 +8,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from profiling.counting import count_torch
+
 from deeplsp.checkpoint import load_checkpoint, save_checkpoint
 from deeplsp.datasets import get_dataset, load_split, make_loader
 from deeplsp.errors import DeepLSPError
 from deeplsp.models import build_model, input_shape, load_pretrained
 from deeplsp.training import TrainConfig, evaluate, train
 from export import ExportResult, export_onnx
-from profiling.counting import count_torch
 
 
 def train_dense(
@@ -110,4 +111,3 @@ def export_checkpoint(
     return export_onnx(
         model, (batch, *ckpt.input_shape), out, opset=opset, simplify=simplify, atol=atol
     )
-

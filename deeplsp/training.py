@@ -135,8 +135,7 @@ def train(
                     loss = loss + extra
             if not torch.isfinite(loss):
                 raise DeepLSPError(
-                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; "
-                    "lower --lr"
+                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -123,7 +123,7 @@ class Runner(ABC):
     @abstractmethod
     def _activate_impl(self) -> None: ...
 
-    def _deactivate_impl(self) -> None:
+    def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         pass
 
     @abstractmethod

@@ -12,8 +12,14 @@ BUILD = {"num_classes": 10, "in_channels": 1, "input_size": 32}
 
 def test_round_trip_rebuilds_the_same_model(tmp_path):
     model = build_model("resnet18", **BUILD).eval()
-    path = save_checkpoint(tmp_path / "a" / "dense.pt", model, "resnet18", BUILD,
-                           dataset="fashionmnist", metrics={"top1": 0.5})
+    path = save_checkpoint(
+        tmp_path / "a" / "dense.pt",
+        model,
+        "resnet18",
+        BUILD,
+        dataset="fashionmnist",
+        metrics={"top1": 0.5},
+    )
     ckpt = load_checkpoint(path, expect_model="resnet18")
     assert ckpt.model_name == "resnet18" and ckpt.dataset == "fashionmnist"
     assert ckpt.metrics == {"top1": 0.5} and ckpt.input_shape == (1, 32, 32)

@@ -71,8 +71,12 @@ def test_divergence_is_reported():
             pass
 
     with pytest.raises(DeepLSPError, match="diverged"):
-        train(model, DataLoader(_blobs(8), batch_size=4), TrainConfig(epochs=1, device="cpu"),
-              hooks=Explode())
+        train(
+            model,
+            DataLoader(_blobs(8), batch_size=4),
+            TrainConfig(epochs=1, device="cpu"),
+            hooks=Explode(),
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,150 @@
+"""The CLI: help works, every bad input is one line + exit 2, and the stages chain."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deeplsp.cli import main
+
+
+def _run(capsys, *argv):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse exits for --help and usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["train", "export", "profile", "devices", "models", "datasets"])
+def test_help_for_every_command(capsys, command):
+    code, out, _ = _run(capsys, command, "--help")
+    assert code == 0 and "usage: deeplsp " + command in out
+
+
+def test_devices_lists_cpu_as_ready(capsys):
+    code, out, _ = _run(capsys, "devices")
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("cpu"))
+    assert "onnxruntime" in line and "ready" in line
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--model", "alexnet", "--dataset", "cifar10"], "invalid choice: 'alexnet'"),
+        (["train", "--model", "resnet18", "--dataset", "mnist"], "choose from 'cifar10'"),
+        (
+            ["train", "--model", "resnet18", "--dataset", "cifar10", "--epochs", "-1"],
+            "must be >= 0",
+        ),
+        (
+            ["train", "--model", "resnet18", "--dataset", "cifar10", "--batch-size", "0"],
+            "must be a positive integer",
+        ),
+        (
+            ["train", "--model", "resnet18", "--dataset", "cifar10", "--train-subset", "-5"],
+            "must be a positive integer",
+        ),
+        (["profile", "m.onnx", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["profile", "m.onnx", "--iters", "0"], "must be a positive integer"),
+        (["export", "c.pt", "--batch", "-1"], "must be a positive integer"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err and "Traceback" not in err
+
+
+def test_missing_files_and_data_are_one_line_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    cases = [
+        (["export", str(tmp_path / "nope.pt")], "does not exist"),
+        (["profile", str(tmp_path / "nope.onnx")], "does not exist"),
+        (["profile", str(bad)], "cannot load"),
+        (
+            [
+                "train",
+                "--model",
+                "resnet18",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path / "empty"),
+            ],
+            str(tmp_path / "empty"),
+        ),
+    ]
+    for argv, needle in cases:
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith("deeplsp: error: ") and needle in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_console_entry_has_no_traceback_on_bad_input(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deeplsp", "export", str(tmp_path / "missing.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"deeplsp: error: checkpoint {tmp_path / 'missing.pt'} does not exist"
+    )
+
+
+@pytest.mark.slow
+def test_train_export_profile_chain(capsys, tmp_path, fashionmnist_dir):
+    ckpt = tmp_path / "run" / "dense.pt"
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--model",
+        "resnet18",
+        "--dataset",
+        "fashionmnist",
+        "--data-dir",
+        str(fashionmnist_dir),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--threads",
+        "2",
+        "--out",
+        str(ckpt),
+    )
+    assert code == 0, err
+    assert "test top-1 / top-5" in out and "MACs" in out and ckpt.is_file()
+
+    onnx_path = tmp_path / "run" / "model.onnx"
+    code, out, err = _run(capsys, "export", str(ckpt), "--out", str(onnx_path))
+    assert code == 0, err
+    assert onnx_path.is_file() and "max |torch - onnxruntime|" in out
+
+    report = tmp_path / "run" / "profile.json"
+    code, out, err = _run(
+        capsys, "profile", str(onnx_path), "--iters", "5", "--warmup", "1", "--json", str(report)
+    )
+    assert code == 0, err
+    assert "latency median / p90" in out
+    data = json.loads(report.read_text())
+    assert data["inputs"] == {"input": [1, 1, 32, 32]}
+    assert data["latency_ms"]["n"] == 5 and data["latency_ms"]["median"] > 0
+
+    from deeplsp.checkpoint import load_checkpoint
+
+    ckpt_data = load_checkpoint(ckpt, expect_model="resnet18")
+    assert ckpt_data.dataset == "fashionmnist"
+    # profiled MACs of the exported graph equal the training-side count
+    assert data["cost"] == ckpt_data.metrics["cost"]
