@@ -18,9 +18,7 @@ def open_runner(device: DeviceSpec, model: str | Path | bytes) -> Runner:
     raise DeepLSPError(f"device {device.name!r} uses backend {device.backend!r}, not supported yet")
 
 
-def profile_onnx(
-    path: str | Path, device: DeviceSpec, warmup: int = 20, iters: int = 100
-) -> dict:
+def profile_onnx(path: str | Path, device: DeviceSpec, warmup: int = 20, iters: int = 100) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DeepLSPError(f"ONNX file {path} does not exist")

@@ -25,7 +25,9 @@ def _capabilities() -> dict[str, str | None]:
     jetson = Path("/etc/nv_tegra_release").exists() or bool(os.environ.get("DEEPLSP_DEVICE_URL"))
     return {
         "gpu": None if gpu else "no CUDA GPU visible to torch",
-        "trt": None if has_trt else "tensorrt and pycuda are not installed (pip install '.[tensorrt]')",
+        "trt": None
+        if has_trt
+        else "tensorrt and pycuda are not installed (pip install '.[tensorrt]')",
         "jetson": None if jetson else "not on a Jetson and DEEPLSP_DEVICE_URL is not set",
     }
 
