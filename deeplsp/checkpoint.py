@@ -18,7 +18,7 @@ from torch import nn
 
 from deeplsp import __version__
 from deeplsp.atomic import atomic_path
-from deeplsp.errors import DeepLSPError
+from deeplsp.errors import DeepLSPError, first_line
 from deeplsp.models import build_model, input_shape
 
 FORMAT = "deeplsp.checkpoint/1"
@@ -38,9 +38,8 @@ class Checkpoint:
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
             raise DeepLSPError(
-                f"checkpoint weights do not fit {self.model_name} {self.build}: {first}"
+                f"checkpoint weights do not fit {self.model_name} {self.build}: {first_line(exc)}"
             ) from exc
         return model
 
@@ -80,9 +79,9 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> Checkp
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DeepLSPError(
-            f"{path} is not a readable checkpoint (corrupt, or holds more than weights): {reason}"
+            f"{path} is not a readable checkpoint (corrupt, or holds more than weights): "
+            f"{first_line(exc)}"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DeepLSPError(

@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         ("epochs", f"{s['train']['epochs']} on {s['train']['device']}"),
         ("test top-1 / top-5", f"{s['test']['top1']:.2%} / {s['test']['top5']:.2%}"),
         ("parameters", f"{s['cost']['params']:,}"),
-        ("MACs", f"{s['cost']['macs']:,}"),
+        ("MACs (conv + linear)", f"{s['cost']['macs']:,}"),
         ("train time", f"{s['seconds']['train']:.1f} s"),
         ("checkpoint", s["checkpoint"]),
     ]
@@ -153,8 +153,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
             ),
             ("latency median / p90", f"{lat['median']:.3f} / {lat['p90']:.3f} ms"),
             ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (n={lat['n']})"),
-            ("parameters", f"{r['cost']['params']:,}"),
-            ("MACs", f"{r['cost']['macs']:,}"),
+            ("MACs (conv + linear)", f"{r['cost']['macs']:,}"),
+            ("weights in graph", f"{r['cost']['params']:,}"),
             ("file size", f"{r['size_bytes'] / 1e6:.2f} MB"),
         ]
     )

@@ -8,6 +8,7 @@ method trains in the same loop with the same budget.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Protocol
@@ -70,6 +71,12 @@ class TrainHooks(Protocol):
     def after_step(self, model: nn.Module) -> None: ...
 
 
+def progress(iterable, desc: str) -> tqdm:
+    """A live bar in a terminal; in a log file, a line every 30 s instead of one per batch."""
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    return tqdm(iterable, desc=desc, leave=False, unit="batch", mininterval=interval)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +130,7 @@ def train(
         seen = correct = 0
         loss_sum = 0.0
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+        bar = progress(loader, f"{desc} {epoch + 1}/{cfg.epochs}")
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -179,7 +186,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "auto") -> dict
     criterion = nn.CrossEntropyLoss(reduction="sum")
     n = top1 = top5 = 0
     loss_sum = 0.0
-    for images, labels in tqdm(loader, desc="evaluate", leave=False, unit="batch"):
+    for images, labels in progress(loader, "evaluate"):
         images, labels = images.to(dev), labels.to(dev)
         logits = model(images)
         loss_sum += criterion(logits, labels).item()

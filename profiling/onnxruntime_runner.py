@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deeplsp.errors import DeepLSPError
+from deeplsp.errors import DeepLSPError, first_line
 from profiling.runner import Runner
 
 _ORT_TYPES = {
@@ -49,8 +49,7 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(src, opts, providers=list(self.providers))
         except Exception as exc:  # ORT raises several unrelated types for bad files
             what = "ONNX bytes" if isinstance(self.model, bytes) else str(self.model)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DeepLSPError(f"ONNX Runtime cannot load {what}: {first}") from exc
+            raise DeepLSPError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
 
     def _deactivate_impl(self) -> None:
         self.session = None

@@ -16,7 +16,7 @@ def _conv_model(path: Path, batch: int | str = 1) -> Path:
     """A 1-conv ONNX graph written with onnx.helper: y = conv(x, w), 3->4 channels, 3x3."""
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 8, 8])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4, 8, 8])
     node = helper.make_node("Conv", ["input", "w"], ["logits"], pads=[1, 1, 1, 1])
     graph = helper.make_graph([node], "g", [x], [y], initializer=[w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
