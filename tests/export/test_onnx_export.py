@@ -10,28 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 import export.onnx_export as onnx_export
 from deeplsp.errors import DeepLSPError
 from export import ExportResult, export_onnx, load_onnx_checked, verify_onnx
+from tests.tiny_models import TinyCNN
 
 SHAPE = (1, 3, 8, 8)
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dw(self.relu(self.bn(self.conv(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 class LiesToExporters(TinyCNN):

@@ -16,21 +16,7 @@ from torch import nn
 from deeplsp.errors import DeepLSPError
 from export import export_onnx
 from profiling.counting import ModelCost, count_onnx, count_torch
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dw(self.relu(self.bn(self.conv(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+from tests.tiny_models import TinyCNN
 
 
 def resnet18_cifar() -> nn.Module:
