@@ -33,7 +33,8 @@ fashion-mnist:
 # The main job on the embedded default: ResNet-18 on real Fashion-MNIST, `cpu` device.
 demo: install
 	$(BIN)/deeplsp train --model resnet18 --dataset fashionmnist --epochs 1 \
-		--train-subset 6000 --test-subset 2000 --batch-size 64 --out $(DEMO_DIR)/dense.pt
+		--train-subset 6000 --test-subset 2000 --batch-size 64 \
+		--optimizer adamw --lr 1e-3 --weight-decay 0.05 --out $(DEMO_DIR)/dense.pt
 	$(BIN)/deeplsp export $(DEMO_DIR)/dense.pt --out $(DEMO_DIR)/model.onnx
 	$(BIN)/deeplsp profile $(DEMO_DIR)/model.onnx --device cpu --json $(DEMO_DIR)/profile.json
 
