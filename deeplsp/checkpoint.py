@@ -32,9 +32,15 @@ class Checkpoint:
     dataset: str | None = None
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    channels: dict[str, int] | None = None  # per-group channel counts of a pruned model
 
     def build_model(self) -> nn.Module:
+        """The architecture (pruned to `channels` when set) with the saved weights."""
         model = build_model(self.model_name, **self.build)
+        if self.channels:
+            from deeplsp.structure import prune_groups
+
+            prune_groups(model, (1, *self.input_shape), self.channels)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
@@ -56,6 +62,7 @@ def save_checkpoint(
     dataset: str | None = None,
     metrics: dict | None = None,
     config: dict | None = None,
+    channels: dict[str, int] | None = None,
 ) -> Path:
     payload = {
         "format": FORMAT,
@@ -65,6 +72,7 @@ def save_checkpoint(
         "dataset": dataset,
         "metrics": dict(metrics or {}),
         "config": dict(config or {}),
+        "channels": dict(channels) if channels else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
@@ -98,4 +106,5 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> Checkp
         dataset=payload.get("dataset"),
         metrics=dict(payload.get("metrics") or {}),
         config=dict(payload.get("config") or {}),
+        channels=payload.get("channels"),
     )

@@ -1,0 +1,177 @@
+"""Prunable channel groups and real channel removal, on torch-pruning's dependency graph.
+
+A *group* is a set of channels that must be removed together: a convolution's
+output channels, the BatchNorm after it, the input channels of every layer
+that reads them, and, across residual additions, every other convolution
+added to the same tensor (torch-pruning's DepGraph finds these couplings,
+depthwise convolutions and MobileNetV3's squeeze-excitation included). A group
+is named after its root layer, e.g. ``layer1.0.conv1``.
+
+The classifier's outputs (the class logits) are never pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from deeplsp.errors import DeepLSPError
+from deeplsp.modes import check_shape, eval_mode
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    id: str  # name of the root layer
+    channels: int  # channels in the group now
+    outputs: tuple[str, ...]  # layers whose output channels are this group
+    inputs: tuple[str, ...]  # layers whose input channels are this group
+
+
+@dataclass(frozen=True)
+class LayerLink:
+    """Which group sets a layer's input and output channels (None: fixed)."""
+
+    name: str
+    in_group: str | None
+    out_group: str | None
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """The layer that produces the logits: the last Linear (or conv) in module order."""
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE)]
+    if not layers:
+        raise DeepLSPError("the model has no convolution or linear layer to prune")
+    return layers[-1]
+
+
+def _graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
+    shape = check_shape(input_shape)
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.zeros(shape, device=device)
+        )
+
+
+def _named_groups(
+    model: nn.Module, graph: tp.DependencyGraph
+) -> Iterator[tuple[ChannelGroup, Any]]:
+    """torch-pruning's groups with a stable id: the first layer, in module order, that
+    produces the group's channels (the expansion conv of a MobileNet block, the first
+    conv added into a ResNet stage's residual stream)."""
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    names = {m: n for n, m in model.named_modules()}
+    for group in graph.get_all_groups(
+        ignored_layers=[_classifier(model)], root_module_types=PRUNABLE
+    ):
+        outputs, inputs = [], []
+        for dep, _ in group:
+            module = dep.target.module
+            if not isinstance(module, PRUNABLE) or module not in names:
+                continue
+            (outputs if graph.is_out_channel_pruning_fn(dep.handler) else inputs).append(module)
+        if not outputs:
+            continue
+        outputs.sort(key=order.get)
+        yield (
+            ChannelGroup(
+                id=names[outputs[0]],
+                channels=len(group[0].idxs),
+                outputs=tuple(names[m] for m in outputs),
+                inputs=tuple(names[m] for m in sorted(set(inputs), key=order.get)),
+            ),
+            group,
+        )
+
+
+def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelGroup]:
+    """Every prunable channel group of the model, in module order of their ids."""
+    order = [n for n, _ in model.named_modules()]
+    found = [g for g, _ in _named_groups(model, _graph(model, input_shape))]
+    return sorted(found, key=lambda g: order.index(g.id))
+
+
+def layer_links(model: nn.Module, groups: list[ChannelGroup]) -> list[LayerLink]:
+    """For every conv/linear layer, the groups that set its input and output channels."""
+    out_of: dict[str, str] = {}
+    in_of: dict[str, str] = {}
+    for g in groups:
+        for name in g.outputs:
+            out_of[name] = g.id
+        for name in g.inputs:
+            in_of[name] = g.id
+    links = []
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE):
+            out_group = out_of.get(name)
+            in_group = in_of.get(name)
+            if isinstance(module, nn.Conv2d) and module.groups > 1 and in_group is None:
+                in_group = out_group  # depthwise: inputs and outputs are the same channels
+            links.append(LayerLink(name, in_group, out_group))
+    return links
+
+
+def round_channels(channels: int, keep: float | int, multiple: int = 1) -> int:
+    """A keep ratio (float) or count (int) as a channel count: a multiple of `multiple`
+    (hardware alignment), at least one multiple, at most all channels."""
+    if multiple < 1:
+        raise DeepLSPError(f"channel multiple must be >= 1 (got {multiple})")
+    count = round(channels * keep) if isinstance(keep, float) else int(keep)
+    if count >= channels:
+        return channels
+    return max(multiple, (count // multiple) * multiple) if channels > multiple else channels
+
+
+def prune_groups(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    keep: Mapping[str, int],
+    importance: str = "l1",
+) -> nn.Module:
+    """Remove channels for real, in place: group `g` keeps its `keep[g]` most important channels.
+
+    Importance is the group's L1 (or L2) weight magnitude summed over every coupled
+    layer (torch-pruning's GroupMagnitudeImportance). Groups not in `keep` are untouched.
+    """
+    norms = {"l1": 1, "l2": 2}
+    if importance not in norms:
+        raise DeepLSPError(f"unknown importance {importance!r}; choose from: l1, l2")
+    graph = _graph(model, input_shape)
+    unknown = set(keep) - {g.id for g, _ in _named_groups(model, graph)}
+    if unknown:
+        raise DeepLSPError(f"no prunable group named {sorted(unknown)[0]!r} in this model")
+    scorer = tp.importance.GroupMagnitudeImportance(p=norms[importance])
+    for info, group in list(_named_groups(model, graph)):
+        if info.id not in keep:
+            continue
+        k = int(keep[info.id])
+        if not 1 <= k <= info.channels:
+            raise DeepLSPError(f"group {info.id}: keep must be in 1..{info.channels} (got {k})")
+        if k == info.channels:
+            continue
+        drop = torch.argsort(scorer(group))[: info.channels - k].tolist()
+        root = group[0].dep
+        group = graph.get_pruning_group(root.target.module, root.handler, drop)
+        if not graph.check_pruning_group(group):
+            raise DeepLSPError(
+                f"group {info.id}: torch-pruning refuses to remove {len(drop)} channels"
+            )
+        group.prune()
+    return model
+
+
+def count_channels(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, int]:
+    """Current channel count of each group, read from its first output layer."""
+    modules = dict(model.named_modules())
+    counts = {}
+    for g in groups:
+        m = modules[g.outputs[0]] if g.outputs else modules[g.id]
+        counts[g.id] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return counts
