@@ -32,6 +32,7 @@ class ChannelGroup:
     channels: int  # channels in the group now
     outputs: tuple[str, ...]  # layers whose output channels are this group
     inputs: tuple[str, ...]  # layers whose input channels are this group
+    norms: tuple[str, ...] = ()  # normalisation layers over this group's channels
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,16 @@ def _named_groups(
     for group in graph.get_all_groups(
         ignored_layers=[_classifier(model)], root_module_types=PRUNABLE
     ):
-        outputs, inputs = [], []
+        outputs, inputs, norms = [], [], []
         for dep, _ in group:
             module = dep.target.module
-            if not isinstance(module, PRUNABLE) or module not in names:
+            if module not in names:
                 continue
-            (outputs if graph.is_out_channel_pruning_fn(dep.handler) else inputs).append(module)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                norms.append(module)
+            elif isinstance(module, PRUNABLE):
+                is_out = graph.is_out_channel_pruning_fn(dep.handler)
+                (outputs if is_out else inputs).append(module)
         if not outputs:
             continue
         outputs.sort(key=order.get)
@@ -86,6 +91,7 @@ def _named_groups(
                 channels=len(group[0].idxs),
                 outputs=tuple(names[m] for m in outputs),
                 inputs=tuple(names[m] for m in sorted(set(inputs), key=order.get)),
+                norms=tuple(names[m] for m in sorted(set(norms), key=order.get)),
             ),
             group,
         )
@@ -129,6 +135,25 @@ def round_channels(channels: int, keep: float | int, multiple: int = 1) -> int:
     return max(multiple, (count // multiple) * multiple) if channels > multiple else channels
 
 
+_NORM_P = {"l1": 1, "l2": 2}
+
+
+def removal_order(
+    model: nn.Module, input_shape: tuple[int, ...], importance: str = "l1"
+) -> dict[str, list[int]]:
+    """Each group's channel indices, least important first: the order `prune_groups`
+    removes them in, so sensitivity is measured on exactly the channels pruning drops."""
+    if importance not in _NORM_P:
+        raise DeepLSPError(f"unknown importance {importance!r}; choose from: l1, l2")
+    scorer = tp.importance.GroupMagnitudeImportance(p=_NORM_P[importance])
+    graph = _graph(model, input_shape)
+    with torch.no_grad():
+        return {
+            info.id: torch.argsort(scorer(group), stable=True).tolist()
+            for info, group in _named_groups(model, graph)
+        }
+
+
 def prune_groups(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -140,14 +165,11 @@ def prune_groups(
     Importance is the group's L1 (or L2) weight magnitude summed over every coupled
     layer (torch-pruning's GroupMagnitudeImportance). Groups not in `keep` are untouched.
     """
-    norms = {"l1": 1, "l2": 2}
-    if importance not in norms:
-        raise DeepLSPError(f"unknown importance {importance!r}; choose from: l1, l2")
+    order = removal_order(model, input_shape, importance)
     graph = _graph(model, input_shape)
-    unknown = set(keep) - {g.id for g, _ in _named_groups(model, graph)}
+    unknown = set(keep) - set(order)
     if unknown:
         raise DeepLSPError(f"no prunable group named {sorted(unknown)[0]!r} in this model")
-    scorer = tp.importance.GroupMagnitudeImportance(p=norms[importance])
     for info, group in list(_named_groups(model, graph)):
         if info.id not in keep:
             continue
@@ -156,7 +178,7 @@ def prune_groups(
             raise DeepLSPError(f"group {info.id}: keep must be in 1..{info.channels} (got {k})")
         if k == info.channels:
             continue
-        drop = torch.argsort(scorer(group))[: info.channels - k].tolist()
+        drop = order[info.id][: info.channels - k]
         root = group[0].dep
         group = graph.get_pruning_group(root.target.module, root.handler, drop)
         if not graph.check_pruning_group(group):

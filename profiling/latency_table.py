@@ -1,0 +1,518 @@
+"""Per-layer latency lookup table for a target device, cached in SQLite.
+
+DeepLSP predicts a candidate network's latency as the sum of its layers'
+latencies. Latency is a staircase in channel count (SIMD widths, tiles), so
+each layer shape is *measured* on the device with the device's runtime, once,
+and kept in a cache keyed by the device fingerprint. `Calibration` then maps
+the table sum onto a few end-to-end measurements (one session run per model
+instead of one per layer, fused activations, memory traffic between layers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from tqdm import tqdm
+
+from deeplsp.errors import DeepLSPError, first_line
+from devices import DeviceSpec, fingerprint
+from profiling.profile import open_runner
+from profiling.runner import LatencyStats
+
+KINDS = ("conv", "linear")
+OPSET = 18
+IR_VERSION = 8  # the IR of opset 18: loadable by every ONNX Runtime that runs opset 18
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or a pair of ints as a pair of ints, so equal signatures hash equal."""
+    try:
+        pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)
+        if len(pair) != 2 or any(isinstance(v, bool) or int(v) != v for v in pair):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DeepLSPError(f"{name} must be an int or a pair of ints (got {value!r})") from None
+    return int(pair[0]), int(pair[1])
+
+
+@dataclass(frozen=True)
+class LayerSig:
+    """Everything that determines one layer's latency on a device.
+
+    Validated on construction, so an impossible layer cannot reach the cache.
+    A linear layer has no kernel, stride, padding, groups or spatial size: they
+    must stay at their defaults.
+    """
+
+    kind: str  # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)  # input height, width (linear: (1, 1))
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("kernel", "stride", "padding", "in_hw"):
+            object.__setattr__(self, name, _pair(getattr(self, name), name))
+        for name in ("in_channels", "out_channels", "groups", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise DeepLSPError(f"{name} must be an int (got {value!r})")
+            object.__setattr__(self, name, int(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.kind not in KINDS:
+            raise DeepLSPError(f"layer kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
+        sizes = {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "groups": self.groups,
+            "batch": self.batch,
+            "kernel": min(self.kernel),
+            "stride": min(self.stride),
+            "in_hw": min(self.in_hw),
+        }
+        for name, value in sizes.items():
+            if value < 1:
+                raise DeepLSPError(f"{name} must be positive in {self}")
+        if min(self.padding) < 0:
+            raise DeepLSPError(f"padding must be >= 0 in {self}")
+        if self.kind == "linear":
+            default = LayerSig.__dataclass_fields__
+            for name in ("kernel", "stride", "padding", "groups", "in_hw"):
+                if getattr(self, name) != default[name].default:
+                    raise DeepLSPError(f"a linear layer has no {name}; leave it at its default")
+            return
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise DeepLSPError(
+                f"in_channels {self.in_channels} and out_channels {self.out_channels} must both "
+                f"be divisible by groups {self.groups}"
+            )
+        out_hw = self.out_hw
+        if min(out_hw) < 1:
+            raise DeepLSPError(f"output spatial size {out_hw} is empty for {self.key()}")
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """Output height, width (floor mode, as Conv2d and ONNX Conv compute it)."""
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * pad - k) // s + 1
+            for size, pad, k, s in zip(
+                self.in_hw, self.padding, self.kernel, self.stride, strict=True
+            )
+        )
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels
+
+    def key(self) -> str:
+        """Stable, human-readable cache key; every field that changes latency is in it."""
+        if self.kind == "linear":
+            return f"linear/i{self.in_channels}/o{self.out_channels}/b{self.batch}"
+        k, s, p, hw = self.kernel, self.stride, self.padding, self.in_hw
+        return (
+            f"conv/i{self.in_channels}/o{self.out_channels}/k{k[0]}x{k[1]}/s{s[0]}x{s[1]}"
+            f"/p{p[0]}x{p[1]}/g{self.groups}/hw{hw[0]}x{hw[1]}/b{self.batch}"
+        )
+
+    def with_channels(self, in_channels: int, out_channels: int) -> LayerSig:
+        """The same layer pruned to other channel counts.
+
+        A depthwise conv (groups == in_channels > 1) stays depthwise: groups
+        follows in_channels. Other grouped convs keep their groups.
+        """
+        groups = in_channels if self.is_depthwise else self.groups
+        return LayerSig(
+            self.kind,
+            in_channels,
+            out_channels,
+            self.kernel,
+            self.stride,
+            self.padding,
+            groups,
+            self.in_hw,
+            self.batch,
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.Module, input_shape: tuple[int, ...]) -> LayerSig:
+        """The signature of an nn.Conv2d / nn.Linear given its input shape (N, C, H, W) / (N, F)."""
+        try:
+            shape = tuple(int(d) for d in input_shape)
+        except (TypeError, ValueError):
+            raise DeepLSPError(
+                f"input shape must be a tuple of ints (got {input_shape!r})"
+            ) from None
+        if isinstance(module, nn.Conv2d):
+            if len(shape) != 4:
+                raise DeepLSPError(f"a Conv2d input must be (N, C, H, W) (got {shape})")
+            if shape[1] != module.in_channels:
+                raise DeepLSPError(
+                    f"input has {shape[1]} channels but the Conv2d takes {module.in_channels}"
+                )
+            if tuple(module.dilation) != (1, 1):
+                raise DeepLSPError(f"dilated convolutions are not supported ({module})")
+            if module.padding_mode != "zeros":
+                raise DeepLSPError(f"only zero padding is supported ({module})")
+            padding = module.padding
+            if isinstance(padding, str):  # "valid" or "same"
+                pads = module._reversed_padding_repeated_twice  # (wl, wr, hl, hr)
+                if pads[0] != pads[1] or pads[2] != pads[3]:
+                    raise DeepLSPError(f"asymmetric 'same' padding is not supported ({module})")
+                padding = (pads[2], pads[0])
+            return cls(
+                "conv",
+                module.in_channels,
+                module.out_channels,
+                tuple(module.kernel_size),
+                tuple(module.stride),
+                tuple(padding),
+                module.groups,
+                (shape[2], shape[3]),
+                shape[0],
+            )
+        if isinstance(module, nn.Linear):
+            if len(shape) < 2 or shape[-1] != module.in_features:
+                raise DeepLSPError(
+                    f"a Linear input must be (N, {module.in_features}) (got {shape})"
+                )
+            return cls(
+                "linear", module.in_features, module.out_features, batch=math.prod(shape[:-1])
+            )
+        raise DeepLSPError(
+            f"the latency table knows nn.Conv2d and nn.Linear layers, not {type(module).__name__}"
+        )
+
+
+def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
+    """A one-node ONNX model of `sig` (Conv or Gemm, with bias) to time on the device.
+
+    Built with onnx.helper rather than a torch export: thousands of shapes are
+    measured, and this takes milliseconds. Weights are seeded random float32 so
+    no runtime can shortcut zeros.
+    """
+    sig._validate()
+    rng = np.random.default_rng(seed)
+    bias = rng.standard_normal(sig.out_channels).astype(np.float32)
+    if sig.kind == "conv":
+        kh, kw = sig.kernel
+        w_shape = (sig.out_channels, sig.in_channels // sig.groups, kh, kw)
+        in_shape = [sig.batch, sig.in_channels, *sig.in_hw]
+        out_shape = [sig.batch, sig.out_channels, *sig.out_hw]
+        attrs = {
+            "kernel_shape": [kh, kw],
+            "strides": list(sig.stride),
+            "pads": [sig.padding[0], sig.padding[1], sig.padding[0], sig.padding[1]],
+            "dilations": [1, 1],
+            "group": sig.groups,
+        }
+        op, fan_in = "Conv", sig.in_channels // sig.groups * kh * kw
+    else:
+        w_shape = (sig.out_channels, sig.in_channels)
+        in_shape = [sig.batch, sig.in_channels]
+        out_shape = [sig.batch, sig.out_channels]
+        attrs = {"transB": 1}
+        op, fan_in = "Gemm", sig.in_channels
+    weight = (rng.standard_normal(w_shape) / math.sqrt(fan_in)).astype(np.float32)
+    node = helper.make_node(op, ["input", "weight", "bias"], ["output"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        sig.key().replace("/", "_"),
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
+        initializer=[
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def default_cache_path() -> Path:
+    """$DEEPLSP_CACHE_DIR/latency.sqlite, else ~/.cache/deeplsp/latency.sqlite."""
+    root = os.environ.get("DEEPLSP_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "deeplsp"
+    return base / "latency.sqlite"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS latency (
+    fingerprint TEXT, signature TEXT, median_ms REAL, p90_ms REAL, n INTEGER, measured_at TEXT,
+    PRIMARY KEY (fingerprint, signature)
+);
+CREATE TABLE IF NOT EXISTS devices (fingerprint TEXT PRIMARY KEY, info TEXT);
+"""
+
+
+class LatencyTable:
+    """Measured per-layer latencies for one device, persisted across runs.
+
+    Rows are keyed by (device fingerprint id, signature key), so a cache copied
+    to another machine or runtime version is never reused by mistake.
+    """
+
+    def __init__(
+        self,
+        device: DeviceSpec,
+        cache_path: str | Path | None = None,
+        *,
+        warmup: int = 10,
+        iters: int = 30,
+        measure: Callable[[LayerSig], LatencyStats] | None = None,
+    ) -> None:
+        if warmup < 0 or iters < 1:
+            raise DeepLSPError(f"warmup must be >= 0 and iters >= 1 (got {warmup}, {iters})")
+        self.device = device
+        self.warmup = warmup
+        self.iters = iters
+        self.path = Path(cache_path) if cache_path is not None else default_cache_path()
+        self._measure = measure if measure is not None else self._measure_on_device
+        info = fingerprint(device)
+        self.fingerprint: str = info["id"]
+        self._memo: dict[LayerSig, float] = {}
+        self._hits = 0
+        self._misses = 0
+        self._conn: sqlite3.Connection | None = None
+        if self.path.exists() and not self.path.is_file():
+            raise DeepLSPError(f"latency cache {self.path} exists but is not a file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DeepLSPError(
+                f"cannot create the latency cache folder: {first_line(exc)}"
+            ) from exc
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=30.0)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(_SCHEMA)
+            cols = [row[1] for row in self._conn.execute("PRAGMA table_info(latency)")]
+            expected = ["fingerprint", "signature", "median_ms", "p90_ms", "n", "measured_at"]
+            if cols != expected:
+                raise sqlite3.DatabaseError(f"table 'latency' has columns {cols}, not {expected}")
+            with self._conn:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO devices VALUES (?, ?)",
+                    (self.fingerprint, json.dumps(info, sort_keys=True)),
+                )
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise self._db_error(exc) from exc
+
+    # -- lookups -------------------------------------------------------------
+    def get(self, sig: LayerSig) -> float:
+        """Median latency in ms of one layer; measured and stored on a miss."""
+        if not isinstance(sig, LayerSig):
+            raise DeepLSPError(f"expected a LayerSig, got {type(sig).__name__}")
+        return self._hit(sig) if self._known(sig) else self._measure_and_store(sig)
+
+    def get_many(
+        self, sigs: Iterable[LayerSig], desc: str = "latency table"
+    ) -> dict[LayerSig, float]:
+        """Median ms per signature; measures only the missing ones, each once.
+
+        Every measurement is committed as soon as it is taken, so an interrupted
+        build (Ctrl-C included) keeps what it measured.
+        """
+        unique = list(dict.fromkeys(sigs))
+        for sig in unique:
+            if not isinstance(sig, LayerSig):
+                raise DeepLSPError(f"expected a LayerSig, got {type(sig).__name__}")
+        result = {sig: self._hit(sig) for sig in unique if self._known(sig)}
+        missing = [sig for sig in unique if sig not in result]
+        interval = 0.5 if sys.stderr.isatty() else 30.0
+        bar = tqdm(
+            missing,
+            desc=desc,
+            unit="layer",
+            leave=False,
+            mininterval=interval,
+            disable=len(missing) < 2,
+        )
+        for sig in bar:
+            result[sig] = self._measure_and_store(sig)
+        return {sig: result[sig] for sig in unique}
+
+    def staircase(self, sig: LayerSig, out_channels: Iterable[int]) -> list[tuple[int, float]]:
+        """Latency against output channel count, input channels fixed (depthwise: both follow).
+
+        The plot of this is why the table is measured, not interpolated.
+        """
+        counts = [int(c) for c in out_channels]
+        variants = [
+            sig.with_channels(c if sig.is_depthwise else sig.in_channels, c) for c in counts
+        ]
+        table = self.get_many(variants, desc=f"staircase {sig.key()}")
+        return [(c, table[v]) for c, v in zip(counts, variants, strict=True)]
+
+    @property
+    def stats(self) -> dict:
+        """Cache hits and misses of this object, and the rows stored for this device."""
+        rows = self._query(
+            "SELECT COUNT(*) FROM latency WHERE fingerprint = ?", (self.fingerprint,)
+        )[0][0]
+        return {
+            "hits": self._hits,
+            "misses": self._misses,
+            "rows": rows,
+            "fingerprint": self.fingerprint,
+            "path": str(self.path),
+        }
+
+    # -- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> LatencyTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------
+    def _known(self, sig: LayerSig) -> bool:
+        if sig in self._memo:
+            return True
+        rows = self._query(
+            "SELECT median_ms FROM latency WHERE fingerprint = ? AND signature = ?",
+            (self.fingerprint, sig.key()),
+        )
+        if rows:
+            self._memo[sig] = float(rows[0][0])
+        return bool(rows)
+
+    def _hit(self, sig: LayerSig) -> float:
+        self._hits += 1
+        return self._memo[sig]
+
+    def _measure_and_store(self, sig: LayerSig) -> float:
+        stats = self._measure(sig)
+        if not (math.isfinite(stats.median) and stats.median >= 0):
+            raise DeepLSPError(f"measured a latency of {stats.median} ms for {sig.key()}")
+        row = (
+            self.fingerprint,
+            sig.key(),
+            float(stats.median),
+            float(stats.p90),
+            int(stats.n),
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # UTC,
+        )
+        conn = self._connection()
+        try:
+            with conn:  # one commit per row: an interrupted build keeps what it measured
+                conn.execute("INSERT OR REPLACE INTO latency VALUES (?, ?, ?, ?, ?, ?)", row)
+        except sqlite3.DatabaseError as exc:
+            raise self._db_error(exc) from exc
+        self._misses += 1
+        self._memo[sig] = float(stats.median)
+        return self._memo[sig]
+
+    def _measure_on_device(self, sig: LayerSig) -> LatencyStats:
+        with open_runner(self.device, layer_onnx(sig)) as runner:
+            return runner.measure(warmup=self.warmup, iters=self.iters)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise DeepLSPError(f"the latency table on {self.path} is closed")
+        return self._conn
+
+    def _query(self, sql: str, params: tuple) -> list[tuple]:
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._db_error(exc) from exc
+
+    def _db_error(self, exc: BaseException) -> DeepLSPError:
+        return DeepLSPError(
+            f"latency cache {self.path} is unusable ({first_line(exc)}); it only holds "
+            "measurements, so it can be deleted and will be rebuilt"
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """measured_end_to_end ≈ scale * table_sum + offset, fitted on a few whole models.
+
+    The table sum misses what only a whole network shows (one session run
+    instead of one per layer, fused activations, cache reuse between layers);
+    a line fitted on a few exported models corrects for it.
+    """
+
+    scale: float
+    offset: float
+    points: int
+    max_rel_error: float
+    # (table_sum_ms, measured_ms) pairs the line was fitted on, kept so it can be refitted.
+    fit_points: tuple[tuple[float, float], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def fit(cls, table_sums_ms: Sequence[float], measured_ms: Sequence[float]) -> Calibration:
+        """Least squares; one point gives a pure ratio; never a non-positive scale."""
+        if len(table_sums_ms) != len(measured_ms):
+            raise DeepLSPError(
+                f"{len(table_sums_ms)} table sums but {len(measured_ms)} measurements"
+            )
+        if len(table_sums_ms) < 1:
+            raise DeepLSPError("calibration needs at least one measured model")
+        xs = np.asarray(table_sums_ms, dtype=np.float64)
+        ys = np.asarray(measured_ms, dtype=np.float64)
+        if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+            raise DeepLSPError("calibration latencies must be finite")
+        if np.any(xs <= 0) or np.any(ys <= 0):
+            raise DeepLSPError("calibration latencies must be positive")
+        scale, offset = 0.0, 0.0
+        var = float(np.sum((xs - xs.mean()) ** 2))
+        if len(xs) > 1 and var > 1e-12 * float(np.sum(xs**2)):
+            scale = float(np.sum((xs - xs.mean()) * (ys - ys.mean())) / var)
+            offset = float(ys.mean() - scale * xs.mean())
+        if not scale > 0:  # one point, equal sums, or a slope the wrong way: ratio of means
+            scale, offset = float(ys.mean() / xs.mean()), 0.0
+        rel = np.abs(scale * xs + offset - ys) / ys
+        return cls(
+            scale=scale,
+            offset=offset,
+            points=len(xs),
+            max_rel_error=float(rel.max()),
+            fit_points=tuple((float(x), float(y)) for x, y in zip(xs, ys, strict=True)),
+        )
+
+    def predict(self, table_sum_ms: float) -> float:
+        """Predicted end-to-end ms of a network whose layers sum to `table_sum_ms` in the table."""
+        return self.scale * table_sum_ms + self.offset
+
+    def corrected(self, table_sum_ms: float, measured_ms: float) -> Calibration:
+        """Refit with one more measured model: the closed loop's correction step."""
+        xs = [x for x, _ in self.fit_points] + [table_sum_ms]
+        ys = [y for _, y in self.fit_points] + [measured_ms]
+        return Calibration.fit(xs, ys)
+
+    def to_dict(self) -> dict:
+        return {
+            "scale": self.scale,
+            "offset": self.offset,
+            "points": self.points,
+            "max_rel_error": self.max_rel_error,
+            "fit_points": [list(p) for p in self.fit_points],
+        }

@@ -1,0 +1,347 @@
+import dataclasses
+import json
+import sqlite3
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from deeplsp.errors import DeepLSPError
+from devices import get_device
+from profiling.latency_table import Calibration, LatencyTable, LayerSig, layer_onnx
+from profiling.runner import LatencyStats
+
+CONV = LayerSig("conv", 64, 128, (3, 3), (1, 1), (1, 1), 1, (32, 32), 1)
+
+
+class FakeMeasure:
+    """Counts calls; latency grows with channels so each sig gets its own value."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.calls: list[LayerSig] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, sig: LayerSig) -> LatencyStats:
+        self.calls.append(sig)
+        if len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt
+        ms = 0.001 * sig.in_channels * sig.out_channels
+        return LatencyStats.from_samples([ms, ms, ms * 1.5], warmup=0)
+
+
+@pytest.fixture
+def cpu():
+    return get_device("cpu")
+
+
+def _run(sig: LayerSig, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    data = layer_onnx(sig)
+    weights = {
+        t.name: numpy_helper.to_array(t).copy()
+        for t in onnx.load_from_string(data).graph.initializer
+    }
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(["output"], {"input": x})[0], weights
+
+
+# -- LayerSig -------------------------------------------------------------------
+
+
+def test_key_is_stable_and_normalised():
+    assert CONV.key() == "conv/i64/o128/k3x3/s1x1/p1x1/g1/hw32x32/b1"
+    assert LayerSig("conv", 64, 128, 3, 1, 1, 1, [32, 32]) == CONV  # ints and lists normalised
+    assert hash(LayerSig("conv", 64, 128, 3, 1, 1, 1, (32, 32))) == hash(CONV)
+    assert LayerSig("linear", 512, 10, batch=4).key() == "linear/i512/o10/b4"
+
+
+def test_key_differs_for_every_field():
+    variants = [
+        CONV,
+        dataclasses.replace(CONV, kind="linear", kernel=1, padding=0, in_hw=1),
+        dataclasses.replace(CONV, in_channels=32),
+        dataclasses.replace(CONV, out_channels=64),
+        dataclasses.replace(CONV, kernel=(3, 1)),
+        dataclasses.replace(CONV, kernel=(1, 3)),
+        dataclasses.replace(CONV, stride=(2, 2)),
+        dataclasses.replace(CONV, stride=(1, 2)),
+        dataclasses.replace(CONV, padding=(0, 0)),
+        dataclasses.replace(CONV, padding=(1, 0)),
+        dataclasses.replace(CONV, groups=2),
+        dataclasses.replace(CONV, in_hw=(16, 16)),
+        dataclasses.replace(CONV, in_hw=(32, 16)),
+        dataclasses.replace(CONV, batch=8),
+    ]
+    keys = [v.key() for v in variants]
+    assert len(set(keys)) == len(keys), keys
+
+
+def test_with_channels_keeps_depthwise_depthwise():
+    dw = LayerSig("conv", 96, 96, 3, 1, 1, groups=96, in_hw=(16, 16))
+    assert dw.with_channels(40, 40).groups == 40
+    assert dw.with_channels(40, 40).key() == "conv/i40/o40/k3x3/s1x1/p1x1/g40/hw16x16/b1"
+    dense = CONV.with_channels(16, 24)
+    assert (dense.in_channels, dense.out_channels, dense.groups) == (16, 24, 1)
+    assert dense.kernel == CONV.kernel and dense.in_hw == CONV.in_hw
+    grouped = dataclasses.replace(CONV, groups=4).with_channels(32, 48)
+    assert grouped.groups == 4
+
+
+def test_from_module_conv_depthwise_linear():
+    conv = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+    assert LayerSig.from_module(conv, (2, 3, 32, 30)) == LayerSig(
+        "conv", 3, 16, (3, 3), (2, 2), (1, 1), 1, (32, 30), 2
+    )
+    dw = nn.Conv2d(24, 24, (5, 3), padding=(2, 1), groups=24)
+    sig = LayerSig.from_module(dw, (1, 24, 8, 8))
+    assert sig.groups == 24 and sig.is_depthwise and sig.kernel == (5, 3) and sig.padding == (2, 1)
+    same = nn.Conv2d(8, 8, 3, padding="same")
+    assert LayerSig.from_module(same, (1, 8, 8, 8)).padding == (1, 1)
+    fc = nn.Linear(512, 10)
+    assert LayerSig.from_module(fc, (4, 512)) == LayerSig("linear", 512, 10, batch=4)
+
+
+def test_from_module_rejects_other_modules_and_bad_shapes():
+    with pytest.raises(DeepLSPError, match="Conv2d and nn.Linear"):
+        LayerSig.from_module(nn.ReLU(), (1, 3, 8, 8))
+    with pytest.raises(DeepLSPError, match="channels"):
+        LayerSig.from_module(nn.Conv2d(3, 8, 3), (1, 4, 8, 8))
+    with pytest.raises(DeepLSPError, match="N, C, H, W"):
+        LayerSig.from_module(nn.Conv2d(3, 8, 3), (3, 8, 8))
+    with pytest.raises(DeepLSPError, match="dilated"):
+        LayerSig.from_module(nn.Conv2d(3, 8, 3, dilation=2), (1, 3, 8, 8))
+    with pytest.raises(DeepLSPError, match="Linear input"):
+        LayerSig.from_module(nn.Linear(8, 2), (1, 9))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"in_channels": 0},
+        {"out_channels": -1},
+        {"groups": 3},  # 64 and 128 not divisible by 3
+        {"kernel": (0, 3)},
+        {"stride": 0},
+        {"padding": -1},
+        {"in_hw": (2, 2), "padding": 0},  # 3x3 kernel on 2x2 input: empty output
+        {"batch": 0},
+        {"kind": "pool"},
+        {"kernel": "ab"},
+    ],
+)
+def test_invalid_signatures_are_rejected(kwargs):
+    with pytest.raises(DeepLSPError):
+        layer_onnx(dataclasses.replace(CONV, **kwargs))
+
+
+def test_linear_rejects_spatial_fields():
+    with pytest.raises(DeepLSPError, match="linear layer has no in_hw"):
+        LayerSig("linear", 8, 4, in_hw=(2, 2))
+
+
+# -- layer_onnx -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        LayerSig("conv", 8, 12, (3, 3), (2, 1), (1, 0), 1, (9, 7), 2),
+        LayerSig("conv", 16, 16, (3, 3), (1, 1), (1, 1), 16, (6, 6), 1),  # depthwise
+        LayerSig("conv", 8, 12, (1, 1), (1, 1), (0, 0), 4, (5, 5), 1),  # grouped pointwise
+    ],
+)
+def test_layer_onnx_conv_matches_torch(sig):
+    x = np.random.default_rng(1).standard_normal((sig.batch, sig.in_channels, *sig.in_hw))
+    out, w = _run(sig, x.astype(np.float32))
+    assert out.shape == (sig.batch, sig.out_channels, *sig.out_hw)
+    ref = F.conv2d(
+        torch.from_numpy(x.astype(np.float32)),
+        torch.from_numpy(w["weight"]),
+        torch.from_numpy(w["bias"]),
+        stride=sig.stride,
+        padding=sig.padding,
+        groups=sig.groups,
+    )
+    assert tuple(ref.shape) == out.shape
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_onnx_linear_matches_torch():
+    sig = LayerSig("linear", 20, 7, batch=3)
+    x = np.random.default_rng(2).standard_normal((3, 20)).astype(np.float32)
+    out, w = _run(sig, x)
+    ref = F.linear(torch.from_numpy(x), torch.from_numpy(w["weight"]), torch.from_numpy(w["bias"]))
+    assert out.shape == (3, 7)
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_onnx_is_seeded_and_declares_opset_18():
+    model = onnx.load_from_string(layer_onnx(CONV))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    assert layer_onnx(CONV) == layer_onnx(CONV)
+    assert layer_onnx(CONV, seed=1) != layer_onnx(CONV)
+
+
+# -- LatencyTable ---------------------------------------------------------------
+
+
+def test_get_measures_once_then_hits(tmp_path, cpu):
+    fake = FakeMeasure()
+    with LatencyTable(cpu, tmp_path / "c" / "lat.sqlite", measure=fake) as table:
+        first = table.get(CONV)
+        second = table.get(CONV)
+        assert first == second == pytest.approx(0.001 * 64 * 128)
+        assert fake.calls == [CONV]
+        stats = table.stats
+    assert (stats["hits"], stats["misses"], stats["rows"]) == (1, 1, 1)
+    assert stats["path"] == str(tmp_path / "c" / "lat.sqlite")
+
+
+def test_rows_are_reused_across_tables_only_for_the_same_fingerprint(tmp_path, cpu):
+    path = tmp_path / "lat.sqlite"
+    fake = FakeMeasure()
+    with LatencyTable(cpu, path, measure=fake) as table:
+        value = table.get(CONV)
+    with LatencyTable(cpu, path, measure=fake) as again:
+        assert again.get(CONV) == value
+        assert again.stats["hits"] == 1 and again.stats["misses"] == 0
+    assert len(fake.calls) == 1
+    other = dataclasses.replace(cpu, threads=97)
+    with LatencyTable(other, path, measure=fake) as table:
+        assert table.stats["rows"] == 0
+        table.get(CONV)
+        assert table.fingerprint != again.fingerprint
+    assert len(fake.calls) == 2
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM latency").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 2
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        info = json.loads(conn.execute("SELECT info FROM devices LIMIT 1").fetchone()[0])
+    assert info["device"] == "cpu"
+
+
+def test_get_many_deduplicates_and_measures_only_missing(tmp_path, cpu):
+    fake = FakeMeasure()
+    a, b, c = CONV, CONV.with_channels(64, 64), CONV.with_channels(32, 64)
+    with LatencyTable(cpu, tmp_path / "lat.sqlite", measure=fake) as table:
+        table.get(a)
+        result = table.get_many([a, b, b, c, LayerSig("conv", 64, 64, 3, 1, 1, 1, (32, 32))])
+        assert list(result) == [a, b, c]
+        assert fake.calls == [a, b, c]
+        assert result[c] == pytest.approx(0.001 * 32 * 64)
+        assert table.stats["rows"] == 3
+
+
+def test_interrupted_get_many_keeps_what_it_measured(tmp_path, cpu):
+    path = tmp_path / "lat.sqlite"
+    sigs = [CONV.with_channels(64, c) for c in (8, 16, 24, 32, 40)]
+    with LatencyTable(cpu, path, measure=FakeMeasure(fail_on_call=3)) as table:
+        with pytest.raises(KeyboardInterrupt):
+            table.get_many(sigs)
+    fresh = FakeMeasure()
+    with LatencyTable(cpu, path, measure=fresh) as table:
+        assert table.stats["rows"] == 2
+        table.get_many(sigs)
+    assert fresh.calls == sigs[2:]
+
+
+def test_staircase_varies_output_channels(tmp_path, cpu):
+    fake = FakeMeasure()
+    with LatencyTable(cpu, tmp_path / "lat.sqlite", measure=fake) as table:
+        steps = table.staircase(CONV, [8, 16, 32])
+        assert steps == [(c, pytest.approx(0.001 * 64 * c)) for c in (8, 16, 32)]
+        assert {s.in_channels for s in fake.calls} == {64}
+        dw = LayerSig("conv", 32, 32, 3, 1, 1, 32, (8, 8))
+        table.staircase(dw, [8, 16])
+        assert [(s.in_channels, s.groups) for s in fake.calls[3:]] == [(8, 8), (16, 16)]
+
+
+def test_corrupt_cache_is_a_user_error(tmp_path, cpu):
+    path = tmp_path / "lat.sqlite"
+    path.write_bytes(b"this is not an sqlite database\n" * 200)
+    with pytest.raises(DeepLSPError, match=r"lat\.sqlite.*deleted"):
+        LatencyTable(cpu, path, measure=FakeMeasure())
+
+
+def test_cache_with_another_schema_is_a_user_error(tmp_path, cpu):
+    path = tmp_path / "lat.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE latency (x TEXT)")
+    conn.close()
+    with pytest.raises(DeepLSPError, match="columns"):
+        LatencyTable(cpu, path, measure=FakeMeasure())
+
+
+def test_closed_table_and_bad_settings(tmp_path, cpu):
+    table = LatencyTable(cpu, tmp_path / "lat.sqlite", measure=FakeMeasure())
+    table.close()
+    with pytest.raises(DeepLSPError, match="closed"):
+        table.get(CONV)
+    with pytest.raises(DeepLSPError, match="iters"):
+        LatencyTable(cpu, tmp_path / "lat.sqlite", iters=0)
+
+
+def test_default_cache_path_follows_env(tmp_path, cpu, monkeypatch):
+    monkeypatch.setenv("DEEPLSP_CACHE_DIR", str(tmp_path / "cache"))
+    with LatencyTable(cpu, measure=FakeMeasure()) as table:
+        table.get(CONV)
+    assert (tmp_path / "cache" / "latency.sqlite").is_file()
+
+
+def test_real_measurement_on_cpu_through_onnxruntime(tmp_path, cpu):
+    path = tmp_path / "lat.sqlite"
+    sig = LayerSig("conv", 16, 32, 3, 1, 1, 1, (8, 8))
+    with LatencyTable(cpu, path, warmup=2, iters=5) as table:
+        ms = table.get(sig)
+        assert ms > 0 and table.stats["rows"] == 1
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT median_ms, p90_ms, n FROM latency").fetchone()
+    conn.close()
+    assert row[0] == ms and row[1] >= ms and row[2] == 5
+
+
+# -- Calibration ----------------------------------------------------------------
+
+
+def test_calibration_recovers_a_known_line():
+    sums = [2.0, 5.0, 9.0, 14.0]
+    cal = Calibration.fit(sums, [1.3 * s + 0.7 for s in sums])
+    assert cal.scale == pytest.approx(1.3) and cal.offset == pytest.approx(0.7)
+    assert cal.points == 4 and cal.max_rel_error == pytest.approx(0.0, abs=1e-12)
+    assert cal.predict(20.0) == pytest.approx(26.7)
+
+
+def test_calibration_one_point_and_fallbacks():
+    one = Calibration.fit([4.0], [6.0])
+    assert (one.scale, one.offset, one.points, one.max_rel_error) == (1.5, 0.0, 1, 0.0)
+    falling = Calibration.fit([1.0, 2.0], [4.0, 2.0])  # negative slope: ratio of means
+    assert falling.scale == pytest.approx(2.0) and falling.offset == 0.0
+    assert falling.max_rel_error == pytest.approx(1.0)  # predicts 4 for a measured 2
+    with pytest.raises(DeepLSPError):
+        Calibration.fit([], [])
+    with pytest.raises(DeepLSPError):
+        Calibration.fit([1.0, 2.0], [1.0])
+    with pytest.raises(DeepLSPError):
+        Calibration.fit([0.0], [1.0])
+
+
+def test_corrected_moves_prediction_toward_new_point():
+    cal = Calibration.fit([2.0, 4.0], [3.0, 5.0])
+    before = cal.predict(10.0)
+    after = cal.corrected(10.0, 20.0)
+    assert after.points == 3 and after.fit_points[-1] == (10.0, 20.0)
+    assert abs(after.predict(10.0) - 20.0) < abs(before - 20.0)
+    assert cal.points == 2  # the original is unchanged
+    hash(after)
+
+
+def test_calibration_to_dict_is_json():
+    cal = Calibration.fit([2.0, 4.0, 7.0], [3.0, 5.5, 8.0])
+    back = json.loads(json.dumps(cal.to_dict()))
+    assert back["points"] == 3 and back["scale"] == pytest.approx(cal.scale)
+    assert back["fit_points"] == [[2.0, 3.0], [4.0, 5.5], [7.0, 8.0]]
