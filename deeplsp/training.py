@@ -66,7 +66,9 @@ class TrainConfig:
 
 
 class TrainHooks(Protocol):
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None: ...
+    def extra_loss(
+        self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor | None: ...
 
     def after_step(self, model: nn.Module) -> None: ...
 
@@ -137,7 +139,7 @@ def train(
             logits = model(images)
             loss = criterion(logits, labels)
             if hooks is not None:
-                extra = hooks.extra_loss(model)
+                extra = hooks.extra_loss(model, images, logits)
                 if extra is not None:
                     loss = loss + extra
             if not torch.isfinite(loss):

@@ -44,7 +44,8 @@ def test_hooks_add_loss_and_run_after_each_step():
     class ZeroFirst:
         calls = 0
 
-        def extra_loss(self, model):
+        def extra_loss(self, model, images, logits):
+            assert logits.shape == (images.shape[0], 2)
             return 0.0 * model[0].weight.sum()
 
         def after_step(self, model):
@@ -64,7 +65,7 @@ def test_divergence_is_reported():
     model = nn.Sequential(nn.Linear(2, 2))
 
     class Explode:
-        def extra_loss(self, model):
+        def extra_loss(self, model, images, logits):
             return torch.tensor(float("nan"))
 
         def after_step(self, model):

@@ -1,0 +1,703 @@
+"""DeepLSP: prune a trained CNN to a latency budget measured on the target device.
+
+    dense model -> channel groups (torch-pruning) -> sensitivity on real batches
+    -> per-layer latency table on the device -> allocation (knapsack) -> real
+    removal -> export + measure on the device -> correct and repeat (bounded)
+    -> optional unstructured stage -> fine-tune with distillation -> report
+
+`prune(PruneConfig(...))` is the Python API; `deeplsp prune` calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deeplsp.allocation import InfeasibleBudget, Option, allocate
+from deeplsp.checkpoint import load_checkpoint, save_checkpoint
+from deeplsp.datasets import get_dataset, load_split, make_loader
+from deeplsp.errors import DeepLSPError
+from deeplsp.models import input_shape
+from deeplsp.sensitivity import cached_sensitivity
+from deeplsp.structure import (
+    ChannelGroup,
+    LayerLink,
+    find_groups,
+    layer_links,
+    prune_groups,
+    removal_order,
+    round_channels,
+)
+from deeplsp.training import TrainConfig, evaluate, train
+from devices import DeviceSpec, fingerprint, get_device
+from export import export_onnx
+from profiling.counting import count_torch
+from profiling.latency_table import Calibration, LatencyTable, LayerSig, default_cache_path
+from profiling.profile import open_runner
+
+RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
+REPEATS = 3  # timed windows per end-to-end measurement
+
+
+@dataclass
+class PruneConfig:
+    """Everything a run depends on; stored in the report so a run can be repeated."""
+
+    model: str
+    dataset: str
+    out: str
+    device: str = "cpu"
+    checkpoint: str | None = None
+    budget_ms: float | None = None
+    keep_ratio: float | None = None
+    amount: float | str = 0.0  # fraction of remaining weights, or "adaptive"
+    finetune_epochs: int = 1
+    finetune_lr: float = 1e-3
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    dense_epochs: int = 1
+    quick: bool = False
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    calib_batches: int = 4
+    calib_batch_size: int = 32
+    ratios: tuple[float, ...] = RATIOS
+    importance: str = "l1"
+    max_iterations: int = 4
+    lower_slack: float = 0.85  # stop once measured >= lower_slack * budget
+    warmup: int = 10
+    iters: int = 50
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.budget_ms is None) == (self.keep_ratio is None):
+            raise DeepLSPError("give exactly one of --budget-ms and --keep-ratio")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            raise DeepLSPError(f"--budget-ms must be > 0 (got {self.budget_ms})")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise DeepLSPError(f"--keep-ratio must be in (0, 1] (got {self.keep_ratio})")
+        if isinstance(self.amount, str):
+            if self.amount != "adaptive":
+                try:
+                    self.amount = float(self.amount)
+                except ValueError:
+                    raise DeepLSPError(
+                        f"--amount must be a fraction in [0, 1) or 'adaptive' (got {self.amount!r})"
+                    ) from None
+        if not isinstance(self.amount, str) and not 0 <= self.amount < 1:
+            raise DeepLSPError(f"--amount must be in [0, 1) or 'adaptive' (got {self.amount})")
+        for name in ("finetune_epochs", "dense_epochs"):
+            if getattr(self, name) < 0:
+                raise DeepLSPError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.max_iterations < 1:
+            raise DeepLSPError(f"max_iterations must be >= 1 (got {self.max_iterations})")
+        if self.quick:
+            self.ratios = QUICK_RATIOS if self.ratios == RATIOS else self.ratios
+            self.train_subset = self.train_subset or 1000
+            self.test_subset = self.test_subset or 500
+            self.calib_batches = min(self.calib_batches, 2)
+            self.finetune_epochs = min(self.finetune_epochs, 1)
+            self.iters = min(self.iters, 30)
+        self.ratios = tuple(float(r) for r in self.ratios)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratios"] = list(self.ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DeepLSPError(f"unknown prune settings {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class Candidate:
+    keeps: dict[str, int]
+    table_ms: float
+    predicted_ms: float
+    measured: dict | None = None
+    cost: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Stages:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+# -- latency model -------------------------------------------------------------
+class LatencyModel:
+    """Predicts a pruned network's latency from the per-layer table and a calibration."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        shape: tuple[int, ...],
+        groups: list[ChannelGroup],
+        table: LatencyTable,
+    ) -> None:
+        self.table = table
+        self.channels = {g.id: g.channels for g in groups}
+        self.links: list[LayerLink] = layer_links(model, groups)
+        self.sigs: dict[str, LayerSig] = {}
+        modules = dict(model.named_modules())
+        handles = [
+            modules[lk.name].register_forward_hook(
+                lambda m, i, o, name=lk.name: self.sigs.__setitem__(
+                    name, LayerSig.from_module(m, tuple(i[0].shape))
+                )
+            )
+            for lk in self.links
+        ]
+        try:
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                model(torch.zeros(shape))
+                model.train(was)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _scaled(self, dim: int, group: str | None, keeps: dict[str, int]) -> int:
+        if group is None or group not in keeps:
+            return dim
+        return max(1, dim * keeps[group] // self.channels[group])
+
+    def sig_at(self, link: LayerLink, keeps: dict[str, int]) -> LayerSig:
+        sig = self.sigs[link.name]
+        return sig.with_channels(
+            self._scaled(sig.in_channels, link.in_group, keeps),
+            self._scaled(sig.out_channels, link.out_group, keeps),
+        )
+
+    def table_sum(self, keeps: dict[str, int]) -> float:
+        sigs = [self.sig_at(lk, keeps) for lk in self.links]
+        got = self.table.get_many(sigs, desc="latency table")
+        return sum(got[s] for s in sigs)
+
+    def options(
+        self, keeps: dict[str, int], candidates: dict[str, list[int]]
+    ) -> tuple[dict[str, list[int]], dict[str, dict[int, float]], float]:
+        """Per-group latency at each candidate, with every other group at `keeps`.
+
+        A layer's latency is charged to the group that sets its output channels,
+        with its input channels at their current value; layers with fixed outputs
+        (the classifier) go into the base. The allocation is iterated so the input
+        side catches up (see `allocate_coupled`)."""
+        wanted = []
+        for lk in self.links:
+            for k in candidates.get(lk.out_group, []) if lk.out_group else []:
+                wanted.append(self.sig_at(lk, {**keeps, lk.out_group: k}))
+            wanted.append(self.sig_at(lk, keeps))
+        got = self.table.get_many(wanted, desc="latency table")
+        per: dict[str, dict[int, float]] = {g: dict.fromkeys(c, 0.0) for g, c in candidates.items()}
+        base = 0.0
+        for lk in self.links:
+            if lk.out_group is None or lk.out_group not in candidates:
+                base += got[self.sig_at(lk, keeps)]
+                continue
+            for k in candidates[lk.out_group]:
+                per[lk.out_group][k] += got[self.sig_at(lk, {**keeps, lk.out_group: k})]
+        return candidates, per, base
+
+
+def allocate_coupled(
+    lat: LatencyModel,
+    candidates: dict[str, list[int]],
+    sens: dict[str, dict[int, float]],
+    table_budget: float,
+    steps: int = 10,
+) -> tuple[dict[str, int], float]:
+    """Knapsack over groups with the input-channel coupling handled by bisection.
+
+    Each layer is charged to the group that sets its outputs, with its inputs at
+    full width: an upper bound, so the knapsack's answer at the true budget fits.
+    Pruned inputs make the real network cheaper than charged, so the budget handed
+    to the knapsack is then stretched by bisection for as long as the answer, summed
+    in the table with every coupling applied, still fits the true budget.
+    """
+    full = {g: max(c) for g, c in candidates.items()}
+    _, per, base = lat.options(full, candidates)
+    opts = {
+        g: [Option(k, sens[g].get(k, 0.0), per[g][k]) for k in candidates[g]] for g in candidates
+    }
+
+    def cost(keeps: dict[str, int]) -> float:
+        return sum(sens[g].get(k, 0.0) for g, k in keeps.items())
+
+    lo, hi = table_budget, base + sum(max(per[g].values()) for g in per)
+    best = allocate(opts, lo, base).keeps()  # raises InfeasibleBudget when nothing fits
+    for _ in range(steps):
+        if hi - lo <= 1e-3 * table_budget:
+            break
+        mid = (lo + hi) / 2
+        keeps = allocate(opts, mid, base).keeps()
+        if lat.table_sum(keeps) <= table_budget:
+            lo = mid
+            if cost(keeps) <= cost(best):
+                best = keeps
+        else:
+            hi = mid
+    return best, cost(best)
+
+
+# -- measurement ------------------------------------------------------------------
+def measure_model(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    device: DeviceSpec,
+    warmup: int,
+    iters: int,
+    path: Path | None = None,
+) -> dict:
+    """Export (verified) and measure on the device; the ONNX file is kept only at `path`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = path or Path(tmp) / "candidate.onnx"
+        result = export_onnx(model, shape, target)
+        with open_runner(device, result.path) as runner:
+            # three timed windows, the middle one kept: one burst of load on a shared
+            # machine shifts a whole window, which a median inside it cannot undo
+            runs = sorted(
+                (runner.measure(warmup=warmup, iters=iters) for _ in range(REPEATS)),
+                key=lambda s: s.median,
+            )
+    return {"latency": runs[len(runs) // 2].to_dict(), "export": result.to_dict()}
+
+
+# -- unstructured stage -------------------------------------------------------------
+class MaskHooks:
+    """Keeps pruned weights at zero through fine-tuning, and distils from the dense model."""
+
+    def __init__(
+        self,
+        masks: dict[nn.Parameter, torch.Tensor],
+        teacher: nn.Module | None,
+        alpha: float,
+        temperature: float,
+    ) -> None:
+        self.masks = masks
+        self.teacher = teacher
+        self.alpha = alpha
+        self.t = temperature
+
+    def extra_loss(self, model, images, logits):
+        if self.teacher is None or self.alpha == 0:
+            return None
+        with torch.no_grad():
+            target = self.teacher(images)
+        t = self.t
+        kd = nn.functional.kl_div(
+            nn.functional.log_softmax(logits / t, 1),
+            nn.functional.softmax(target / t, 1),
+            reduction="batchmean",
+        )
+        return self.alpha * t * t * kd
+
+    @torch.no_grad()
+    def after_step(self, model):
+        for p, m in self.masks.items():
+            p.mul_(m)
+
+
+def magnitude_masks(
+    model: nn.Module, amounts: dict[str, float]
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per layer, zero the `amount` smallest-magnitude weights (the mask keeps the rest)."""
+    modules = dict(model.named_modules())
+    masks = {}
+    for name, amount in amounts.items():
+        w = modules[name].weight
+        n = int(round(amount * w.numel()))
+        if n <= 0:
+            continue
+        threshold = w.detach().abs().flatten().kthvalue(n).values
+        mask = (w.detach().abs() > threshold).to(w.dtype)
+        with torch.no_grad():
+            w.mul_(mask)
+        masks[w] = mask
+    return masks
+
+
+def unstructured_amounts(
+    model: nn.Module,
+    amount: float | str,
+    sens: dict[str, dict[int, float]],
+    links: list[LayerLink],
+    mean_amount: float = 0.05,
+    cap: float = 0.5,
+) -> dict[str, float]:
+    """Fixed: the same fraction for every conv/linear layer. Adaptive: a layer's fraction
+    is inversely proportional to its group's sensitivity (its worst candidate's loss
+    increase), scaled so the weight-weighted mean is `mean_amount`, capped at `cap`."""
+    names = [lk.name for lk in links]
+    if amount != "adaptive":
+        return dict.fromkeys(names, float(amount))
+    modules = dict(model.named_modules())
+    inv = {}
+    for lk in links:
+        s = max(sens.get(lk.out_group, {0: 0.0}).values()) if lk.out_group else None
+        inv[lk.name] = 1.0 / (
+            1e-3
+            + (s if s is not None else max((max(t.values()) for t in sens.values()), default=1.0))
+        )
+    sizes = {n: modules[n].weight.numel() for n in names}
+    scale = mean_amount * sum(sizes.values()) / sum(inv[n] * sizes[n] for n in names)
+    return {n: min(cap, inv[n] * scale) for n in names}
+
+
+# -- the pipeline ---------------------------------------------------------------------
+def _calibration_batches(cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    n = cfg.calib_batches * cfg.calib_batch_size
+    ds = load_split(
+        cfg.dataset, "train", cfg.data_dir, train_augment=False, subset=n, seed=cfg.seed
+    )
+    loader = make_loader(ds, cfg.calib_batch_size, shuffle=False, seed=cfg.seed)
+    return [(x, y) for x, y in loader]
+
+
+def _candidates(groups: list[ChannelGroup], ratios, multiple: int) -> dict[str, list[int]]:
+    return {
+        g.id: sorted({round_channels(g.channels, r, multiple) for r in ratios} | {g.channels})
+        for g in groups
+    }
+
+
+def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
+    """Run DeepLSP end to end; returns the report (also written to `cfg.out`)."""
+    from deeplsp.report import write_report
+
+    stages = _Stages()
+    out = Path(cfg.out)
+    device = get_device(cfg.device)
+    entry = get_dataset(cfg.dataset)
+    build = {
+        "num_classes": entry.num_classes,
+        "in_channels": entry.in_channels,
+        "input_size": entry.input_size,
+    }
+    shape = (device.batch, *input_shape(build))
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_path().parent
+    torch.manual_seed(cfg.seed)
+
+    # 1. the dense model
+    if cfg.checkpoint:
+        ckpt = load_checkpoint(cfg.checkpoint, expect_model=cfg.model)
+        if ckpt.build != build:
+            raise DeepLSPError(
+                f"{cfg.checkpoint} was trained for {ckpt.build}, not {cfg.dataset} {build}"
+            )
+        dense = ckpt.build_model()
+        dense_note = f"loaded from {cfg.checkpoint}"
+    else:
+        from deeplsp.pipeline import train_dense
+
+        log(f"no --checkpoint: training a dense {cfg.model} for {cfg.dense_epochs} epoch(s)")
+        tcfg = TrainConfig(
+            epochs=cfg.dense_epochs,
+            optimizer="adamw",
+            lr=1e-3,
+            weight_decay=0.05,
+            seed=cfg.seed,
+            batch_size=64,
+        )
+        stages.run(
+            "dense training",
+            train_dense,
+            cfg.model,
+            cfg.dataset,
+            out / "dense.pt",
+            tcfg,
+            data_dir=cfg.data_dir,
+            train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset,
+        )
+        dense = load_checkpoint(out / "dense.pt").build_model()
+        dense_note = (
+            f"trained here: {cfg.dense_epochs} epoch(s) on "
+            f"{cfg.train_subset or 'all'} training images (AdamW)"
+        )
+    dense.eval()
+    test_ds = load_split(cfg.dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
+    test_loader = make_loader(test_ds, 256, shuffle=False)
+    dense_acc = stages.run("evaluate", evaluate, dense, test_loader, "cpu")
+    dense_cost = count_torch(dense, shape)
+
+    # 2. groups and candidates, 3. sensitivity on real data
+    groups = find_groups(dense, shape)
+    candidates = _candidates(groups, cfg.ratios, device.channel_multiple)
+    order = removal_order(dense, shape, cfg.importance)
+    batches = _calibration_batches(cfg)
+    sens, sens_cached = stages.run(
+        "sensitivity",
+        cached_sensitivity,
+        cache_dir,
+        dense,
+        groups,
+        order,
+        candidates,
+        batches,
+        cfg.importance,
+    )
+    log(
+        f"sensitivity: {len(groups)} groups x {len(cfg.ratios)} ratios"
+        f"{' (from cache)' if sens_cached else ''}"
+    )
+
+    # 4. latency on the device
+    fp = fingerprint(device)
+    dense_meas = stages.run("measure", measure_model, dense, shape, device, cfg.warmup, cfg.iters)
+    dense_ms = dense_meas["latency"]["median"]
+    log(f"dense {cfg.model}: {dense_ms:.3f} ms median on {device.name}")
+
+    with LatencyTable(
+        device, cache_dir / "latency.sqlite", warmup=cfg.warmup, iters=max(10, cfg.iters // 2)
+    ) as table:
+        rows_before = table.stats["rows"]
+        lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
+        full = {g.id: g.channels for g in groups}
+        dense_sum = stages.run("latency table", lat.table_sum, full)
+        smallest = {g: min(c) for g, c in candidates.items()}
+        small_model = prune_groups(copy.deepcopy(dense), shape, smallest, cfg.importance)
+        small_meas = stages.run(
+            "measure", measure_model, small_model, shape, device, cfg.warmup, cfg.iters
+        )
+        small_ms = small_meas["latency"]["median"]
+        small_sum = stages.run("latency table", lat.table_sum, smallest)
+        calib = Calibration.fit([dense_sum, small_sum], [dense_ms, small_ms])
+
+        history: list[Candidate] = []
+        chosen: Candidate | None = None
+        status = ""
+        if cfg.keep_ratio is not None:
+            keeps, cost = _allocate_channels(groups, candidates, sens, cfg.keep_ratio)
+            chosen = Candidate(
+                keeps,
+                lat.table_sum(keeps),
+                calib.predict(lat.table_sum(keeps)),
+                cost=cost,
+                note=f"keep ratio {cfg.keep_ratio}",
+            )
+            history.append(chosen)
+            status = f"kept {cfg.keep_ratio:.0%} of channels, allocated by sensitivity"
+        elif cfg.budget_ms >= dense_ms:
+            chosen = Candidate(full, dense_sum, dense_ms, measured=dense_meas, note="dense")
+            history.append(chosen)
+            status = (
+                f"budget {cfg.budget_ms} ms is above the dense model's measured "
+                f"{dense_ms:.3f} ms: the dense model is returned unpruned"
+            )
+        else:
+            if cfg.budget_ms < small_ms:
+                raise DeepLSPError(
+                    f"budget {cfg.budget_ms} ms is below the smallest reachable latency: "
+                    f"{small_ms:.3f} ms measured with every group at its smallest candidate "
+                    f"({min(cfg.ratios):.0%} of channels) on {device.name}"
+                )
+            chosen, status = stages.run(
+                "search",
+                _closed_loop,
+                cfg,
+                dense,
+                shape,
+                device,
+                lat,
+                candidates,
+                sens,
+                calib,
+                history,
+                log,
+            )
+        table_stats = table.stats
+        staircase = _staircase(lat, table, groups)
+
+    # 5. real removal of the chosen allocation
+    pruned = prune_groups(copy.deepcopy(dense), shape, chosen.keeps, cfg.importance)
+    structured_cost = count_torch(pruned, shape)
+
+    # 6. unstructured stage, 7. fine-tuning with distillation
+    amounts = unstructured_amounts(pruned, cfg.amount, sens, layer_links(pruned, groups))
+    masks = magnitude_masks(pruned, amounts) if any(amounts.values()) else {}
+    if cfg.finetune_epochs > 0:
+        train_ds = load_split(
+            cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed
+        )
+        ft = TrainConfig(
+            epochs=cfg.finetune_epochs,
+            optimizer="adamw",
+            lr=cfg.finetune_lr,
+            weight_decay=0.05,
+            seed=cfg.seed,
+            batch_size=64,
+        )
+        hooks = MaskHooks(masks, dense, cfg.kd_alpha, cfg.kd_temperature)
+        stages.run(
+            "fine-tune",
+            train,
+            pruned,
+            make_loader(train_ds, 64, shuffle=True, seed=cfg.seed),
+            ft,
+            hooks,
+            "fine-tune",
+        )
+    pruned.cpu().eval()
+    pruned_acc = stages.run("evaluate", evaluate, pruned, test_loader, "cpu")
+
+    # 8. deliver: checkpoint, ONNX measured on the device, report
+    final = stages.run(
+        "measure",
+        measure_model,
+        pruned,
+        shape,
+        device,
+        cfg.warmup,
+        max(cfg.iters, 50),
+        out / "model.onnx",
+    )
+    save_checkpoint(
+        out / "pruned.pt",
+        pruned,
+        cfg.model,
+        build,
+        dataset=cfg.dataset,
+        metrics={"test": pruned_acc},
+        config={"prune": cfg.to_dict()},
+        channels=chosen.keeps,
+    )
+    zeros = sum(int((p == 0).sum()) for p in pruned.parameters())
+    report = {
+        "deeplsp": "prune",
+        "config": cfg.to_dict(),
+        "quick": cfg.quick,
+        "status": status,
+        "device": device.to_dict(),
+        "fingerprint": fp,
+        "budget_ms": cfg.budget_ms,
+        "dense": {
+            "note": dense_note,
+            "test": dense_acc,
+            "cost": dense_cost.to_dict(),
+            "latency_ms": dense_meas["latency"],
+            "onnx_bytes": dense_meas["export"]["size_bytes"],
+        },
+        "pruned": {
+            "test": pruned_acc,
+            "cost": count_torch(pruned, shape).to_dict(),
+            "structured_cost": structured_cost.to_dict(),
+            "nonzero_params": sum(p.numel() for p in pruned.parameters()) - zeros,
+            "latency_ms": final["latency"],
+            "predicted_ms": chosen.predicted_ms,
+            "onnx_bytes": final["export"]["size_bytes"],
+        },
+        "groups": [
+            {
+                "id": g.id,
+                "channels": g.channels,
+                "keep": chosen.keeps[g.id],
+                "ratio": chosen.keeps[g.id] / g.channels,
+                "sensitivity": sens[g.id].get(chosen.keeps[g.id], 0.0),
+            }
+            for g in groups
+        ],
+        "unstructured": {"amount": cfg.amount, "per_layer": amounts},
+        "calibration": calib.to_dict(),
+        "search": [c.to_dict() for c in history],
+        "latency_table": {**table_stats, "new_rows": table_stats["rows"] - rows_before},
+        "sensitivity_cached": sens_cached,
+        "staircase": staircase,
+        "seconds": stages.seconds,
+        "files": {},
+    }
+    write_report(out, report)
+    return report
+
+
+def _allocate_channels(groups, candidates, sens, ratio):
+    """--keep-ratio: keep that fraction of all channels, placed where it hurts least."""
+    opts = {
+        g.id: [Option(k, sens[g.id].get(k, 0.0), float(k)) for k in candidates[g.id]]
+        for g in groups
+    }
+    budget = ratio * sum(g.channels for g in groups)
+    try:
+        alloc = allocate(opts, budget)
+    except InfeasibleBudget as exc:
+        raise DeepLSPError(
+            f"--keep-ratio {ratio} keeps fewer channels than the smallest candidates allow "
+            f"({exc.min_latency / sum(g.channels for g in groups):.1%})"
+        ) from None
+    return alloc.keeps(), alloc.cost
+
+
+def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, history, log):
+    """Allocate against the calibrated table, measure the exported candidate, correct."""
+    best: Candidate | None = None
+    for it in range(cfg.max_iterations):
+        table_budget = (cfg.budget_ms - calib.offset) / calib.scale
+        try:
+            keeps, cost = allocate_coupled(lat, candidates, sens, table_budget)
+        except InfeasibleBudget:
+            keeps = {g: min(c) for g, c in candidates.items()}
+            cost = sum(sens[g].get(k, 0.0) for g, k in keeps.items())
+        tsum = lat.table_sum(keeps)
+        cand = Candidate(keeps, tsum, calib.predict(tsum), cost=cost)
+        model = prune_groups(copy.deepcopy(dense), shape, keeps, cfg.importance)
+        cand.measured = measure_model(model, shape, device, cfg.warmup, cfg.iters)
+        ms = cand.measured["latency"]["median"]
+        cand.note = f"iteration {it + 1}"
+        history.append(cand)
+        log(
+            f"iteration {it + 1}: predicted {cand.predicted_ms:.3f} ms, measured {ms:.3f} ms "
+            f"(budget {cfg.budget_ms} ms)"
+        )
+        if ms <= cfg.budget_ms and (best is None or cost < best.cost):
+            best = cand
+        if ms <= cfg.budget_ms and ms >= cfg.lower_slack * cfg.budget_ms:
+            break
+        calib = calib.corrected(tsum, ms)
+    if best is None:
+        closest = min(c.measured["latency"]["median"] for c in history)
+        raise DeepLSPError(
+            f"no candidate met {cfg.budget_ms} ms in {cfg.max_iterations} measured iterations "
+            f"(closest {closest:.3f} ms on {device.name}); raise the budget or --max-iterations"
+        )
+    ms = best.measured["latency"]["median"]
+    return (
+        best,
+        f"measured {ms:.3f} ms <= budget {cfg.budget_ms} ms after {len(history)} iteration(s)",
+    )
+
+
+def _staircase(lat: LatencyModel, table: LatencyTable, groups) -> dict:
+    """Measured latency against output channels for the most expensive layer (for the plot)."""
+    full = {g.id: g.channels for g in groups}
+    costs = {lk.name: table.get(lat.sig_at(lk, full)) for lk in lat.links}
+    name = max(costs, key=costs.get)
+    sig = lat.sig_at(next(lk for lk in lat.links if lk.name == name), full)
+    step = max(1, sig.out_channels // 32)
+    points = table.staircase(sig, range(step, sig.out_channels + 1, step))
+    return {"layer": name, "signature": sig.key(), "points": [list(p) for p in points]}
