@@ -204,6 +204,47 @@ def cmd_devices(args: argparse.Namespace) -> None:
         print(json.dumps([fingerprint(d) for d in DEVICES], indent=2))
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from deeplsp.prune import PruneConfig, prune
+
+    out = args.out or Path("runs") / f"{args.model}-{args.dataset}-{args.device}"
+    cfg = PruneConfig(
+        model=args.model,
+        dataset=args.dataset,
+        out=str(out),
+        device=args.device,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        budget_ms=args.budget_ms,
+        keep_ratio=args.keep_ratio,
+        amount=args.amount,
+        finetune_epochs=args.finetune_epochs,
+        dense_epochs=args.dense_epochs,
+        quick=args.quick,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        max_iterations=args.max_iterations,
+        seed=args.seed,
+    )
+    r = prune(cfg)
+    d, p = r["dense"], r["pruned"]
+    _print_table(
+        [
+            ("result", r["status"]),
+            (
+                "latency median / p90",
+                f"{d['latency_ms']['median']:.3f} / "
+                f"{d['latency_ms']['p90']:.3f} ms -> {p['latency_ms']['median']:.3f} / "
+                f"{p['latency_ms']['p90']:.3f} ms",
+            ),
+            ("test top-1", f"{d['test']['top1']:.2%} -> {p['test']['top1']:.2%}"),
+            ("MACs", f"{d['cost']['macs']:,} -> {p['cost']['macs']:,}"),
+            ("parameters", f"{d['cost']['params']:,} -> {p['cost']['params']:,}"),
+            ("report", str(out / "report.md")),
+        ]
+    )
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from deeplsp.models import MODELS
 
@@ -284,6 +325,48 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_positive_int, help="override the device's thread count")
     pr.add_argument("--json", type=Path, help="also write the measurement to this file")
     pr.set_defaults(func=cmd_profile)
+
+    pn = sub.add_parser("prune", help="prune a model to a latency budget on a device (DeepLSP)")
+    pn.add_argument("--model", required=True, choices=MODELS.names())
+    pn.add_argument("--dataset", required=True, choices=DATASETS.names())
+    pn.add_argument("--checkpoint", type=Path, help="dense checkpoint (default: train one first)")
+    pn.add_argument("--device", default="cpu", choices=DEVICES.names())
+    target = pn.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget-ms", type=_positive_float, help="latency budget on the device")
+    target.add_argument(
+        "--keep-ratio",
+        type=_positive_float,
+        help="fraction of all channels to keep (allocated by sensitivity)",
+    )
+    pn.add_argument(
+        "--amount",
+        default="0",
+        help="unstructured stage: a fraction of the remaining weights, or 'adaptive'",
+    )
+    pn.add_argument("--finetune-epochs", type=_non_negative_int, default=1)
+    pn.add_argument(
+        "--dense-epochs",
+        type=_non_negative_int,
+        default=1,
+        help="epochs of dense training when no --checkpoint is given",
+    )
+    pn.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small data subsets, 4 ratios, one short fine-tuning epoch",
+    )
+    pn.add_argument("--data-dir", type=Path)
+    pn.add_argument("--train-subset", type=_positive_int)
+    pn.add_argument("--test-subset", type=_positive_int)
+    pn.add_argument(
+        "--max-iterations",
+        type=_positive_int,
+        default=4,
+        help="measured search iterations before giving up",
+    )
+    pn.add_argument("--seed", type=int, default=0)
+    pn.add_argument("--out", type=Path, help="output folder (default runs/MODEL-DATASET-DEVICE)")
+    pn.set_defaults(func=cmd_prune)
 
     d = sub.add_parser("devices", help="list target devices and whether they are ready")
     d.add_argument("--json", action="store_true", help="print full fingerprints as JSON")

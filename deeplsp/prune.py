@@ -578,6 +578,11 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         max(cfg.iters, 50),
         out / "model.onnx",
     )
+    final_ms = final["latency"]["median"]
+    if cfg.budget_ms is not None:
+        verdict = "meets" if final_ms <= cfg.budget_ms else "MISSES (measurement noise?)"
+        status += f"; delivered model measured {final_ms:.3f} ms, {verdict} the budget"
+    log(status)
     save_checkpoint(
         out / "pruned.pt",
         pruned,

@@ -111,7 +111,8 @@ def markdown(report: dict) -> str:
         "",
         f"Per-layer table: {lt['rows']} rows for this device ({lt['new_rows']} measured in "
         f"this run; {lt['hits']} hits), {lt['path']}. Calibration: measured = "
-        f"{cal['scale']:.3f} x table + {cal['offset']:.3f} ms over {cal['points']} models.",
+        f"{cal['scale']:.3f} x table {cal['offset']:+.3f} ms, fitted on {cal['points']} "
+        "measured models.",
         "",
         f"Device fingerprint {fp['id']}: {fp.get('cpu', '')}, {fp.get('cores', '')} threads, "
         f"runtime {fp.get('runtime', {})}.",

@@ -1,0 +1,216 @@
+"""The DeepLSP pipeline end to end on a tiny registered model, with a deterministic
+stand-in for the device clock (tests never assert wall-clock times)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import deeplsp.prune as prune_mod
+from deeplsp.checkpoint import load_checkpoint
+from deeplsp.errors import DeepLSPError
+from deeplsp.models import MODELS, ModelEntry
+from deeplsp.prune import PruneConfig, prune
+from export import export_onnx
+from profiling.counting import count_torch
+from profiling.latency_table import LatencyTable
+from profiling.runner import LatencyStats
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes, in_channels, input_size):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _stats(ms: float) -> LatencyStats:
+    return LatencyStats.from_samples([ms] * 5, warmup=0)
+
+
+def _layer_ms(sig) -> float:
+    """Fake per-layer clock: proportional to the layer's MACs."""
+    if sig.kind == "linear":
+        return 1e-6 * sig.in_channels * sig.out_channels + 0.001
+    h, w = sig.out_hw
+    return 1e-6 * h * w * sig.out_channels * sig.in_channels // sig.groups * 9 + 0.001
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """Register `tinynet` and replace the device clock by functions of MACs."""
+    entry = ModelEntry("tinynet", "test model", TinyNet, "none")
+    monkeypatch.setitem(MODELS._entries, "tinynet", entry)
+    curve = {"power": 1.0}
+
+    def fake_measure(model, shape, device, warmup, iters, path=None):
+        result = export_onnx(model, shape, path or tmp_path / "cand.onnx")
+        macs = count_torch(model, shape).macs
+        ms = 0.05 + (1e-6 * macs) ** curve["power"]
+        return {"latency": _stats(ms).to_dict(), "export": result.to_dict()}
+
+    monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
+    monkeypatch.setattr(
+        prune_mod,
+        "LatencyTable",
+        lambda device, path, **kw: LatencyTable(
+            device, path, measure=lambda s: _stats(_layer_ms(s))
+        ),
+    )
+    return curve
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(
+        model="tinynet",
+        dataset="fashionmnist",
+        out=str(tmp_path / "run"),
+        data_dir=str(data),
+        cache_dir=str(tmp_path / "cache"),
+        calib_batches=2,
+        calib_batch_size=16,
+        ratios=(1.0, 0.75, 0.5, 0.25),
+        iters=5,
+        warmup=1,
+    )
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def _dense_ms(report):
+    return report["dense"]["latency_ms"]["median"]
+
+
+def test_budget_run_delivers_a_smaller_measured_model_and_all_outputs(
+    tmp_path, tiny, fashionmnist_dir
+):
+    probe = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=1e6), log=lambda s: None)
+    budget = 0.5 * _dense_ms(probe)
+    r = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
+    out = tmp_path / "run"
+    for name in ("model.onnx", "pruned.pt", "report.json", "report.md", "report.png"):
+        assert (out / name).is_file(), name
+    delivered = r["pruned"]["latency_ms"]["median"]
+    assert delivered <= budget
+    assert r["pruned"]["cost"]["macs"] < r["dense"]["cost"]["macs"]
+    assert 1 <= len(r["search"]) <= 4
+    ratios = {g["id"]: g["ratio"] for g in r["groups"]}
+    assert min(ratios.values()) < 1.0
+    # the checkpoint rebuilds the pruned architecture
+    rebuilt = load_checkpoint(out / "pruned.pt", expect_model="tinynet").build_model()
+    assert sum(p.numel() for p in rebuilt.parameters()) == r["pruned"]["cost"]["params"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["config"]["budget_ms"] == budget and saved["budget_ms"] == budget
+    assert "Per-group keep ratios" in (out / "report.md").read_text()
+
+
+def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashionmnist_dir):
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.6, finetune_epochs=0)
+    first = prune(cfg, log=lambda s: None)
+    second = prune(cfg, log=lambda s: None)
+    assert not first["sensitivity_cached"] and second["sensitivity_cached"]
+    assert first["latency_table"]["new_rows"] > 0 and second["latency_table"]["new_rows"] == 0
+
+
+def test_closed_loop_corrects_a_wrong_prediction(tmp_path, tiny, fashionmnist_dir):
+    tiny["power"] = 1.6  # the device is not linear in the table: calibration must be corrected
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.4 * _dense_ms(probe)
+    r = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, max_iterations=5),
+        log=lambda s: None,
+    )
+    measured = [c["measured"]["latency"]["median"] for c in r["search"]]
+    assert r["pruned"]["latency_ms"]["median"] <= budget
+    assert len(measured) <= 5
+    assert r["calibration"]["points"] >= 2
+
+
+def test_budget_below_the_smallest_reachable_latency_is_a_clear_error(
+    tmp_path, tiny, fashionmnist_dir
+):
+    with pytest.raises(DeepLSPError, match=r"below the smallest reachable latency: [0-9.]+ ms"):
+        prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=1e-4), log=lambda s: None)
+
+
+def test_budget_above_dense_returns_the_dense_model(tmp_path, tiny, fashionmnist_dir):
+    r = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    assert "returned unpruned" in r["status"]
+    assert all(g["keep"] == g["channels"] for g in r["groups"])
+
+
+def test_keep_ratio_allocates_by_sensitivity(tmp_path, tiny, fashionmnist_dir):
+    r = prune(
+        _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0), log=lambda s: None
+    )
+    kept = sum(g["keep"] for g in r["groups"])
+    total = sum(g["channels"] for g in r["groups"])
+    assert kept <= 0.5 * total
+
+
+@pytest.mark.parametrize("amount", [0.3, "adaptive"])
+def test_unstructured_zeros_survive_fine_tuning(tmp_path, tiny, fashionmnist_dir, amount):
+    r = prune(
+        _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.75, amount=amount, finetune_epochs=1),
+        log=lambda s: None,
+    )
+    model = load_checkpoint(tmp_path / "run" / "pruned.pt").build_model()
+    per_layer = r["unstructured"]["per_layer"]
+    modules = dict(model.named_modules())
+    total = sum(modules[n].weight.numel() for n in per_layer)
+    zeros = sum(int((modules[n].weight == 0).sum()) for n in per_layer)
+    expected = sum(round(a * modules[n].weight.numel()) for n, a in per_layer.items())
+    assert zeros >= expected > 0
+    if amount == "adaptive":
+        assert len({round(a, 6) for a in per_layer.values()}) > 1  # not one fraction for all
+        weighted = sum(a * modules[n].weight.numel() for n, a in per_layer.items()) / total
+        assert math.isclose(weighted, 0.05, rel_tol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({}, "exactly one of"),
+        ({"budget_ms": 1.0, "keep_ratio": 0.5}, "exactly one of"),
+        ({"budget_ms": -1.0}, "budget-ms"),
+        ({"keep_ratio": 1.5}, "keep-ratio"),
+        ({"budget_ms": 1.0, "amount": "lots"}, "amount"),
+        ({"budget_ms": 1.0, "amount": 1.0}, "amount"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(DeepLSPError, match=match):
+        PruneConfig(model="resnet18", dataset="fashionmnist", out="x", **kw)
+
+
+def test_wrong_checkpoint_model_is_refused(tmp_path, tiny, fashionmnist_dir):
+    from deeplsp.checkpoint import save_checkpoint
+    from deeplsp.models import build_model
+
+    build = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+    path = save_checkpoint(tmp_path / "r.pt", build_model("tinynet", **build), "tinynet", build)
+    with pytest.raises(DeepLSPError, match="holds a tinynet checkpoint, not resnet18"):
+        prune(
+            _cfg(tmp_path, fashionmnist_dir, model="resnet18", checkpoint=str(path), budget_ms=1.0),
+            log=lambda s: None,
+        )
