@@ -30,13 +30,15 @@ fashion-mnist:
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
 		|| echo "warning: could not install dataset-fashion-mnist; the demo needs it"
 
-# The main job on the embedded default: ResNet-18 on real Fashion-MNIST, `cpu` device.
+# The main job on the embedded default: ResNet-18 on real Fashion-MNIST, `cpu` device:
+# a short dense training, then DeepLSP prunes it to a 5 ms budget measured with ONNX Runtime.
+DEMO_BUDGET_MS ?= 5
 demo: install
 	$(BIN)/deeplsp train --model resnet18 --dataset fashionmnist --epochs 1 \
 		--train-subset 6000 --test-subset 2000 --batch-size 64 \
 		--optimizer adamw --lr 1e-3 --weight-decay 0.05 --out $(DEMO_DIR)/dense.pt
-	$(BIN)/deeplsp export $(DEMO_DIR)/dense.pt --out $(DEMO_DIR)/model.onnx
-	$(BIN)/deeplsp profile $(DEMO_DIR)/model.onnx --device cpu --json $(DEMO_DIR)/profile.json
+	$(BIN)/deeplsp prune --model resnet18 --dataset fashionmnist --checkpoint $(DEMO_DIR)/dense.pt \
+		--device cpu --budget-ms $(DEMO_BUDGET_MS) --amount 0.05 --quick --out $(DEMO_DIR)/pruned
 
 test: install
 	$(BIN)/python -m pytest
