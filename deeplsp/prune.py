@@ -289,6 +289,30 @@ def measure_model(
     return {"latency": runs[len(runs) // 2].to_dict(), "export": result.to_dict()}
 
 
+def calibrate(
+    lat: LatencyModel,
+    dense: nn.Module,
+    shape: tuple[int, ...],
+    device: DeviceSpec,
+    candidates: dict[str, list[int]],
+    dense_ms: float,
+    warmup: int,
+    iters: int,
+    importance: str = "l1",
+) -> tuple[Calibration, float]:
+    """Fit table sum -> measured latency on the two ends of the search space: the dense
+    model (measured as `dense_ms`) and every group at its smallest candidate.
+
+    Returns the calibration and the smallest candidate's measured latency, which is
+    also the smallest latency the search can reach."""
+    full = {g: max(c) for g, c in candidates.items()}
+    smallest = {g: min(c) for g, c in candidates.items()}
+    small = prune_groups(copy.deepcopy(dense), shape, smallest, importance)
+    small_ms = measure_model(small, shape, device, warmup, iters)["latency"]["median"]
+    sums = [lat.table_sum(full), lat.table_sum(smallest)]
+    return Calibration.fit(sums, [dense_ms, small_ms]), small_ms
+
+
 # -- unstructured stage -------------------------------------------------------------
 class MaskHooks:
     """Keeps pruned weights at zero through fine-tuning, and distils from the dense model."""
@@ -380,7 +404,7 @@ def _calibration_batches(cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Ten
     return [(x, y) for x, y in loader]
 
 
-def _candidates(groups: list[ChannelGroup], ratios, multiple: int) -> dict[str, list[int]]:
+def candidate_keeps(groups: list[ChannelGroup], ratios, multiple: int) -> dict[str, list[int]]:
     return {
         g.id: sorted({round_channels(g.channels, r, multiple) for r in ratios} | {g.channels})
         for g in groups
@@ -449,7 +473,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
 
     # 2. groups and candidates, 3. sensitivity on real data
     groups = find_groups(dense, shape)
-    candidates = _candidates(groups, cfg.ratios, device.channel_multiple)
+    candidates = candidate_keeps(groups, cfg.ratios, device.channel_multiple)
     order = removal_order(dense, shape, cfg.importance)
     batches = _calibration_batches(cfg)
     sens, sens_cached = stages.run(
@@ -481,14 +505,19 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
         full = {g.id: g.channels for g in groups}
         dense_sum = stages.run("latency table", lat.table_sum, full)
-        smallest = {g: min(c) for g, c in candidates.items()}
-        small_model = prune_groups(copy.deepcopy(dense), shape, smallest, cfg.importance)
-        small_meas = stages.run(
-            "measure", measure_model, small_model, shape, device, cfg.warmup, cfg.iters
+        calib, small_ms = stages.run(
+            "measure",
+            calibrate,
+            lat,
+            dense,
+            shape,
+            device,
+            candidates,
+            dense_ms,
+            cfg.warmup,
+            cfg.iters,
+            cfg.importance,
         )
-        small_ms = small_meas["latency"]["median"]
-        small_sum = stages.run("latency table", lat.table_sum, smallest)
-        calib = Calibration.fit([dense_sum, small_sum], [dense_ms, small_ms])
 
         history: list[Candidate] = []
         chosen: Candidate | None = None

@@ -1,0 +1,138 @@
+"""How well DeepLSP predicts the measured latency of pruned networks, and what the
+latency table costs to build.
+
+For each model at the Fashion-MNIST shape (1x32x32; fresh weights: latency does
+not depend on weight values), N random pruned variants (every group at a random
+candidate keep count, 8 ratios) are predicted from the per-layer table with the
+pipeline's calibration (dense model + smallest candidate) and then pruned for
+real, exported and measured on the `cpu` device (median of the middle of three
+timed windows, as the pipeline does). Reports the share within +-10%, and the
+table's cold (empty cache) and warm build times.
+Results: bench/results/latency_prediction.{json,md}.
+
+    .venv/bin/python bench/latency_prediction.py [--models resnet18,mobilenet_v3_large] [--n 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from deeplsp.atomic import write_json, write_text
+from deeplsp.models import build_model
+from deeplsp.prune import RATIOS, LatencyModel, calibrate, candidate_keeps, measure_model
+from deeplsp.structure import find_groups, prune_groups
+from devices import fingerprint, get_device
+from profiling.latency_table import LatencyTable
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def table_cost(model, shape, groups, candidates, device, rng) -> dict:
+    """Seconds to fill an empty table for 10 random variants, then to read it again."""
+    variants = [{g: rng.choice(c) for g, c in candidates.items()} for _ in range(10)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            with LatencyTable(device, Path(tmp) / "latency.sqlite") as table:
+                lat = LatencyModel(model, shape, groups, table)
+                for keeps in variants:
+                    lat.table_sum(keeps)
+                rows = table.stats["rows"]
+            out[f"{label}_s"] = round(time.perf_counter() - t0, 2)
+        out["rows"] = rows
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,mobilenet_v3_large")
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    device = get_device("cpu")
+    shape = (1, 1, 32, 32)
+    summary, variants = [], []
+    with tempfile.TemporaryDirectory() as cache:
+        for name in args.models.split(","):
+            rng = random.Random(args.seed)
+            model = build_model(name, num_classes=10, in_channels=1, input_size=32).eval()
+            groups = find_groups(model, shape)
+            candidates = candidate_keeps(groups, RATIOS, device.channel_multiple)
+            cost = table_cost(model, shape, groups, candidates, device, rng)
+            with LatencyTable(device, Path(cache) / "latency.sqlite") as table:
+                lat = LatencyModel(model, shape, groups, table)
+                dense_ms = measure_model(model, shape, device, 10, args.iters)["latency"]["median"]
+                calib, small_ms = calibrate(
+                    lat, model, shape, device, candidates, dense_ms, 10, args.iters
+                )
+                errors = []
+                for i in range(args.n):
+                    keeps = {g: rng.choice(c) for g, c in candidates.items()}
+                    predicted = calib.predict(lat.table_sum(keeps))
+                    pruned = prune_groups(copy.deepcopy(model), shape, keeps)
+                    measured = measure_model(pruned, shape, device, 10, args.iters)["latency"][
+                        "median"
+                    ]
+                    err = (predicted - measured) / measured
+                    errors.append(err)
+                    variants.append(
+                        {
+                            "model": name,
+                            "i": i,
+                            "predicted_ms": predicted,
+                            "measured_ms": measured,
+                            "rel_error": err,
+                        }
+                    )
+                    print(
+                        f"{name} {i + 1}/{args.n}: predicted {predicted:.3f} ms, "
+                        f"measured {measured:.3f} ms ({err:+.1%})",
+                        flush=True,
+                    )
+            abs_err = sorted(abs(e) for e in errors)
+            summary.append(
+                {
+                    "model": name,
+                    "variants": args.n,
+                    "within_10pct": f"{sum(e <= 0.10 for e in abs_err) / len(abs_err):.0%}",
+                    "median_abs_error": f"{statistics.median(abs_err):.1%}",
+                    "p90_abs_error": f"{abs_err[int(0.9 * (len(abs_err) - 1))]:.1%}",
+                    "dense_ms": round(dense_ms, 3),
+                    "smallest_ms": round(small_ms, 3),
+                    "table_rows": cost["rows"],
+                    "table_cold_s": cost["cold_s"],
+                    "table_warm_s": cost["warm_s"],
+                }
+            )
+    fp = fingerprint(device)
+    write_json(
+        RESULTS / "latency_prediction.json",
+        {"fingerprint": fp, "summary": summary, "variants": variants},
+    )
+    table_md = tabulate(summary, headers="keys", tablefmt="github")
+    write_text(
+        RESULTS / "latency_prediction.md",
+        f"# Latency prediction on `cpu` ({fp['cpu']}, {fp['cores']} threads, onnxruntime "
+        f"{fp['runtime']['onnxruntime']})\n\n"
+        f"{args.n} random pruned variants per model (8 candidate ratios per group), input "
+        f"1x32x32, batch 1. Predicted: per-layer table sum, calibrated on the dense model and "
+        f"the smallest candidate. Measured: exported ONNX, middle of three windows of "
+        f"{args.iters} runs. Table cost: 10 random variants from an empty cache (cold) and "
+        f"again from the filled one (warm).\n\n{table_md}\n",
+    )
+    print(table_md)
+
+
+if __name__ == "__main__":
+    main()
