@@ -1,0 +1,208 @@
+"""DeepLSP against two torch-pruning baselines at equal measured latency on `cpu`.
+
+Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
+- a dense model per architecture, trained once (AdamW, `--dense-epochs` on
+  `--train-subset` images) and cached in bench/cache/;
+- budgets at `--budgets` fractions of the dense model's measured latency;
+- DeepLSP (`deeplsp.prune`, full 8-ratio search, structured only);
+- uniform L1: every group keeps the same ratio of channels (L1 filter norms),
+  the ratio bisected until the measured latency is within the budget;
+- global Taylor: torch-pruning's MetaPruner with first-order Taylor importance
+  and global ranking, its ratio bisected the same way;
+- every method then gets the same fine-tuning (`--finetune-epochs` on the same
+  subset, distillation from the dense model) and the same evaluation.
+Writes bench/results/prune_budget.{json,md}: measured latency against budget,
+accuracy, MACs, speed-up per MAC reduction, and the prune wall time.
+
+    .venv/bin/python bench/prune_budget.py [--models resnet18,mobilenet_v3_large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from tabulate import tabulate
+
+from deeplsp.atomic import write_json, write_text
+from deeplsp.checkpoint import load_checkpoint
+from deeplsp.datasets import load_split, make_loader
+from deeplsp.pipeline import train_dense
+from deeplsp.prune import MaskHooks, PruneConfig, measure_model, prune
+from deeplsp.structure import find_groups, prune_groups, round_channels
+from deeplsp.training import TrainConfig, evaluate, train
+from devices import fingerprint, get_device
+from profiling.counting import count_torch
+
+HERE = Path(__file__).parent
+SHAPE = (1, 1, 32, 32)
+
+
+def uniform_l1(dense, ratio):
+    groups = find_groups(dense, SHAPE)
+    keep = {g.id: round_channels(g.channels, ratio) for g in groups}
+    return prune_groups(copy.deepcopy(dense), SHAPE, keep)
+
+
+def global_taylor(dense, ratio, batches):
+    model = copy.deepcopy(dense).eval()
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.zeros(SHAPE),
+        importance=tp.importance.GroupTaylorImportance(),
+        global_pruning=True,
+        pruning_ratio=1 - ratio,
+        ignored_layers=[classifier],
+    )
+    model.zero_grad()
+    for x, y in batches:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    pruner.step()
+    model.zero_grad()
+    return model
+
+
+def fit_to_budget(make, budget, device, iters, steps=7):
+    """Largest keep ratio whose measured latency is within the budget (bisection)."""
+    lo, hi, best = 0.05, 1.0, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model = make(mid)
+        ms = measure_model(model, SHAPE, device, 10, iters)["latency"]["median"]
+        if ms <= budget:
+            lo, best = mid, (model, ms, mid)
+        else:
+            hi = mid
+    if best is None:
+        model = make(lo)
+        best = (model, measure_model(model, SHAPE, device, 10, iters)["latency"]["median"], lo)
+    return best
+
+
+def finetune_and_eval(model, dense, args, test_loader):
+    ds = load_split("fashionmnist", "train", subset=args.train_subset, seed=0)
+    cfg = TrainConfig(
+        epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=64
+    )
+    train(
+        model, make_loader(ds, 64, shuffle=True), cfg, MaskHooks({}, dense, 0.5, 4.0), "fine-tune"
+    )
+    return evaluate(model.eval(), test_loader, "cpu")["top1"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,mobilenet_v3_large")
+    p.add_argument("--budgets", default="0.3,0.5,0.7")
+    p.add_argument("--train-subset", type=int, default=4000)
+    p.add_argument("--test-subset", type=int, default=1000)
+    p.add_argument("--dense-epochs", type=int, default=1)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args()
+
+    device = get_device("cpu")
+    rows = []
+    test_loader = make_loader(
+        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
+    )
+    calib_ds = load_split("fashionmnist", "train", train_augment=False, subset=128, seed=0)
+    batches = list(make_loader(calib_ds, 32, shuffle=False))
+    for name in args.models.split(","):
+        ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{args.dense_epochs}.pt"
+        if not ckpt.is_file():
+            train_dense(
+                name,
+                "fashionmnist",
+                ckpt,
+                TrainConfig(
+                    epochs=args.dense_epochs,
+                    optimizer="adamw",
+                    lr=1e-3,
+                    weight_decay=0.05,
+                    batch_size=64,
+                ),
+                train_subset=args.train_subset,
+                test_subset=args.test_subset,
+            )
+        dense = load_checkpoint(ckpt).build_model().eval()
+        dense_ms = measure_model(dense, SHAPE, device, 10, args.iters)["latency"]["median"]
+        dense_macs = count_torch(dense, SHAPE).macs
+        dense_top1 = evaluate(dense, test_loader, "cpu")["top1"]
+        for frac in map(float, args.budgets.split(",")):
+            budget = frac * dense_ms
+            results = {}
+            t0 = time.perf_counter()
+            cfg = PruneConfig(
+                model=name,
+                dataset="fashionmnist",
+                out=str(HERE / "cache" / "run"),
+                checkpoint=str(ckpt),
+                budget_ms=budget,
+                finetune_epochs=args.finetune_epochs,
+                train_subset=args.train_subset,
+                test_subset=args.test_subset,
+                iters=args.iters,
+                cache_dir=str(HERE / "cache"),
+            )
+            r = prune(cfg, log=lambda s: print("  ", s, flush=True))
+            wall = time.perf_counter() - t0 - r["seconds"].get("fine-tune", 0.0)
+            results["DeepLSP"] = (
+                r["pruned"]["latency_ms"]["median"],
+                r["pruned"]["test"]["top1"],
+                r["pruned"]["cost"]["macs"],
+                wall,
+            )
+            for method, make in (
+                ("uniform L1", lambda ratio, dense=dense: uniform_l1(dense, ratio)),
+                ("global Taylor", lambda ratio, dense=dense: global_taylor(dense, ratio, batches)),
+            ):
+                t0 = time.perf_counter()
+                model, _, _ = fit_to_budget(make, budget, device, args.iters)
+                wall = time.perf_counter() - t0
+                top1 = finetune_and_eval(model, dense, args, test_loader)
+                ms = measure_model(model, SHAPE, device, 10, args.iters)["latency"]["median"]
+                results[method] = (ms, top1, count_torch(model, SHAPE).macs, wall)
+            for method, (ms, top1, macs, wall) in results.items():
+                rows.append(
+                    {
+                        "model": name,
+                        "budget": f"{frac:.0%} = {budget:.3f} ms",
+                        "method": method,
+                        "measured_ms": round(ms, 3),
+                        "within_budget": ms <= budget,
+                        "of_budget": f"{ms / budget:.0%}",
+                        "top1": f"{top1:.2%}",
+                        "dense_top1": f"{dense_top1:.2%}",
+                        "macs": macs,
+                        "speedup_per_mac": round((dense_ms / ms) / (dense_macs / macs), 3),
+                        "prune_s_excl_finetune": round(wall, 1),
+                    }
+                )
+                print(rows[-1], flush=True)
+            fp = fingerprint(device)
+            write_json(
+                HERE / "results" / "prune_budget.json",
+                {"fingerprint": fp, "args": vars(args), "rows": rows},
+            )
+            write_text(
+                HERE / "results" / "prune_budget.md",
+                f"# DeepLSP vs torch-pruning baselines at equal measured latency (`cpu`, "
+                f"{fp['cpu']}, {fp['cores']} threads)\n\nReal Fashion-MNIST; dense models "
+                f"trained {args.dense_epochs} epoch(s) on {args.train_subset} images; every "
+                f"method fine-tuned {args.finetune_epochs} epoch(s) on the same subset with "
+                f"distillation; top-1 on {args.test_subset} test images. Budgets are fractions "
+                f"of the dense model's measured median latency; latencies are medians (middle "
+                f"of three windows of {args.iters} runs).\n\n"
+                + tabulate(rows, headers="keys", tablefmt="github")
+                + "\n",
+            )
+
+
+if __name__ == "__main__":
+    main()
