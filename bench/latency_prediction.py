@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
 from deeplsp.models import build_model
-from deeplsp.prune import RATIOS, LatencyModel, calibrate, candidate_keeps, measure_model
+from deeplsp.pruner import RATIOS, LatencyModel, calibrate, candidate_keeps, measure_model
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
 from profiling.latency_table import LatencyTable

@@ -4,7 +4,7 @@ Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
 - a dense model per architecture, trained once (AdamW, `--dense-epochs` on
   `--train-subset` images) and cached in bench/cache/;
 - budgets at `--budgets` fractions of the dense model's measured latency;
-- DeepLSP (`deeplsp.prune`, full 8-ratio search, structured only);
+- DeepLSP (`deeplsp.pruner.prune`, full 8-ratio search, structured only);
 - uniform L1: every group keeps the same ratio of channels (L1 filter norms),
   the ratio bisected until the measured latency is within the budget;
 - global Taylor: torch-pruning's MetaPruner with first-order Taylor importance
@@ -32,7 +32,7 @@ from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.pipeline import train_dense
-from deeplsp.prune import MaskHooks, PruneConfig, measure_model, prune
+from deeplsp.pruner import MaskHooks, PruneConfig, measure_model, prune
 from deeplsp.structure import find_groups, prune_groups, round_channels
 from deeplsp.training import TrainConfig, evaluate, train
 from devices import fingerprint, get_device

@@ -205,7 +205,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from deeplsp.prune import PruneConfig, prune
+    from deeplsp.pruner import PruneConfig, prune
 
     out = args.out or Path("runs") / f"{args.model}-{args.dataset}-{args.device}"
     cfg = PruneConfig(

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import deeplsp.prune as prune_mod
+import deeplsp.pruner as prune_mod
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.errors import DeepLSPError
 from deeplsp.models import MODELS, ModelEntry
-from deeplsp.prune import PruneConfig, prune
+from deeplsp.pruner import PruneConfig, prune
 from export import export_onnx
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
@@ -160,9 +160,10 @@ def test_budget_above_dense_returns_the_dense_model(tmp_path, tiny, fashionmnist
 
 
 def test_keep_ratio_allocates_by_sensitivity(tmp_path, tiny, fashionmnist_dir):
-    r = prune(
-        _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0), log=lambda s: None
-    )
+    import deeplsp  # the package-level Python API, with the config's fields as keywords
+
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0)
+    r = deeplsp.prune(**cfg.to_dict())
     kept = sum(g["keep"] for g in r["groups"])
     total = sum(g["channels"] for g in r["groups"])
     assert kept <= 0.5 * total

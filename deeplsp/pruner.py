@@ -1,11 +1,11 @@
-"""DeepLSP: prune a trained CNN to a latency budget measured on the target device.
+"""DeepLSP, the pruner: a trained CNN to a latency budget measured on the target device.
 
     dense model -> channel groups (torch-pruning) -> sensitivity on real batches
     -> per-layer latency table on the device -> allocation (knapsack) -> real
     removal -> export + measure on the device -> correct and repeat (bounded)
     -> optional unstructured stage -> fine-tune with distillation -> report
 
-`prune(PruneConfig(...))` is the Python API; `deeplsp prune` calls it.
+`prune(PruneConfig(...))` runs it (also `deeplsp.prune(**settings)`); `deeplsp prune` calls it.
 """
 
 from __future__ import annotations
