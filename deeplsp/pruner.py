@@ -548,13 +548,13 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
             chosen = Candidate(full, dense_sum, dense_ms, measured=dense_meas, note="dense")
             history.append(chosen)
             status = (
-                f"budget {cfg.budget_ms} ms is above the dense model's measured "
+                f"budget {cfg.budget_ms:g} ms is above the dense model's measured "
                 f"{dense_ms:.3f} ms: the dense model is returned unpruned"
             )
         else:
             if cfg.budget_ms < small_ms:
                 raise DeepLSPError(
-                    f"budget {cfg.budget_ms} ms is below the smallest reachable latency: "
+                    f"budget {cfg.budget_ms:g} ms is below the smallest reachable latency: "
                     f"{small_ms:.3f} ms measured with every group at its smallest candidate "
                     f"({min(cfg.ratios):.0%} of channels) on {device.name}"
                 )
@@ -718,7 +718,7 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
         history.append(cand)
         log(
             f"iteration {it + 1}: predicted {cand.predicted_ms:.3f} ms, measured {ms:.3f} ms "
-            f"(budget {cfg.budget_ms} ms)"
+            f"(budget {cfg.budget_ms:g} ms)"
         )
         if ms <= target and (best is None or cost < best.cost):
             best = cand
@@ -728,14 +728,14 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
     if best is None:
         closest = min(c.measured["latency"]["median"] for c in history)
         raise DeepLSPError(
-            f"no candidate measured within {target:.3f} ms (budget {cfg.budget_ms} ms less a "
+            f"no candidate measured within {target:.3f} ms (budget {cfg.budget_ms:g} ms less a "
             f"{cfg.guard:.0%} noise guard) in {cfg.max_iterations} iterations (closest "
             f"{closest:.3f} ms on {device.name}); raise the budget or --max-iterations"
         )
     ms = best.measured["latency"]["median"]
     return (
         best,
-        f"search: measured {ms:.3f} ms <= {target:.3f} ms (budget {cfg.budget_ms} ms less a "
+        f"search: measured {ms:.3f} ms <= {target:.3f} ms (budget {cfg.budget_ms:g} ms less a "
         f"{cfg.guard:.0%} noise guard) after {len(history)} iteration(s)",
     )
 
