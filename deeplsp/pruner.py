@@ -14,7 +14,7 @@ import copy
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -724,7 +724,11 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
             best = cand
         if ms <= target and ms >= cfg.lower_slack * cfg.budget_ms:
             break
+        # Refit on every measured model, then anchor the line at this candidate: the
+        # relation is not linear over the whole range, and the next candidate lies
+        # close to this one, so the local error is the one to remove.
         calib = calib.corrected(tsum, ms)
+        calib = replace(calib, offset=calib.offset + ms - calib.predict(tsum))
     if best is None:
         closest = min(c.measured["latency"]["median"] for c in history)
         raise DeepLSPError(
