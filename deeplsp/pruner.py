@@ -39,6 +39,7 @@ from deeplsp.training import TrainConfig, evaluate, train
 from devices import DeviceSpec, fingerprint, get_device
 from export import export_onnx
 from profiling.counting import count_torch
+from profiling.isolated import measure_isolated
 from profiling.latency_table import Calibration, LatencyTable, LayerSig, default_cache_path
 from profiling.profile import open_runner
 
@@ -285,14 +286,12 @@ def measure_model(
     with tempfile.TemporaryDirectory() as tmp:
         target = path or Path(tmp) / "candidate.onnx"
         result = export_onnx(model, shape, target)
-        with open_runner(device, result.path) as runner:
-            # three timed windows, the middle one kept: one burst of load on a shared
-            # machine shifts a whole window, which a median inside it cannot undo
-            runs = sorted(
-                (runner.measure(warmup=warmup, iters=iters) for _ in range(REPEATS)),
-                key=lambda s: s.median,
-            )
-    return {"latency": runs[len(runs) // 2].to_dict(), "export": result.to_dict()}
+        if device.backend == "onnxruntime":
+            stats = measure_isolated(result.path, device.resolved_threads(), warmup, iters, REPEATS)
+        else:
+            with open_runner(device, result.path) as runner:
+                stats = runner.measure(warmup=warmup, iters=iters)
+    return {"latency": stats.to_dict(), "export": result.to_dict()}
 
 
 def calibrate(

@@ -86,3 +86,15 @@ def test_profile_onnx_records_latency_cost_and_fingerprint(tmp_path):
     with pytest.raises(DeepLSPError, match="does not exist"):
         profile_onnx(tmp_path / "missing.onnx", cpu)
     assert open_runner(cpu, path).threads == cpu.resolved_threads()
+
+
+def test_measure_isolated_runs_in_a_child_process(tmp_path):
+    from profiling.isolated import measure_isolated
+
+    stats = measure_isolated(_conv_model(tmp_path / "m.onnx"), threads=1, warmup=1, iters=5)
+    assert stats.n == 5 and 0 < stats.min <= stats.median
+    assert stats.settings["intra_op_threads"] == 1
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(DeepLSPError, match="cannot load"):
+        measure_isolated(bad, threads=1, warmup=0, iters=1)
