@@ -591,8 +591,9 @@ def calibration_batches(
     n_batches: int = 4,
     batch_size: int = 32,
     seed: int = 0,
-) -> list[torch.Tensor]:
-    """Real training images (eval transforms, no augmentation) for sensitivity analysis.
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Real training (images, labels) batches (eval transforms, no augmentation) for
+    sensitivity analysis.
 
     The same arguments always give the same images, so pruning decisions are reproducible.
     If the split is smaller than `n_batches * batch_size`, fewer/shorter batches come back.
@@ -605,4 +606,4 @@ def calibration_batches(
         name, "train", data_dir, train_augment=False, subset=n_batches * batch_size, seed=seed
     )
     loader = make_loader(ds, batch_size, shuffle=False, seed=seed)
-    return [images for images, _ in loader]
+    return [(images, labels) for images, labels in loader]

@@ -22,7 +22,7 @@ from torch import nn
 
 from deeplsp.allocation import InfeasibleBudget, Option, allocate
 from deeplsp.checkpoint import load_checkpoint, save_checkpoint
-from deeplsp.datasets import get_dataset, load_split, make_loader
+from deeplsp.datasets import calibration_batches, get_dataset, load_split, make_loader
 from deeplsp.errors import DeepLSPError
 from deeplsp.models import input_shape
 from deeplsp.sensitivity import cached_sensitivity
@@ -405,15 +405,6 @@ def unstructured_amounts(
 
 
 # -- the pipeline ---------------------------------------------------------------------
-def _calibration_batches(cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    n = cfg.calib_batches * cfg.calib_batch_size
-    ds = load_split(
-        cfg.dataset, "train", cfg.data_dir, train_augment=False, subset=n, seed=cfg.seed
-    )
-    loader = make_loader(ds, cfg.calib_batch_size, shuffle=False, seed=cfg.seed)
-    return [(x, y) for x, y in loader]
-
-
 def candidate_keeps(groups: list[ChannelGroup], ratios, multiple: int) -> dict[str, list[int]]:
     return {
         g.id: sorted({round_channels(g.channels, r, multiple) for r in ratios} | {g.channels})
@@ -485,7 +476,9 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     groups = find_groups(dense, shape)
     candidates = candidate_keeps(groups, cfg.ratios, device.channel_multiple)
     order = removal_order(dense, shape, cfg.importance)
-    batches = _calibration_batches(cfg)
+    batches = calibration_batches(
+        cfg.dataset, cfg.data_dir, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
+    )
     sens, sens_cached = stages.run(
         "sensitivity",
         cached_sensitivity,

@@ -418,20 +418,25 @@ def test_bad_batch_size_is_refused(cifar10_dir: Path, bad: int) -> None:
         calibration_batches("cifar10", cifar10_dir, batch_size=bad)
 
 
+def _images(batches: list) -> list[torch.Tensor]:
+    assert all(len(x) == len(y) for x, y in batches)  # every batch carries its labels
+    return [x for x, _ in batches]
+
+
 def test_calibration_batches_are_deterministic_real_eval_images(cifar10_dir: Path) -> None:
     torch.manual_seed(123)
-    a = calibration_batches("cifar10", cifar10_dir, n_batches=3, batch_size=4, seed=0)
+    a = _images(calibration_batches("cifar10", cifar10_dir, n_batches=3, batch_size=4, seed=0))
     torch.manual_seed(456)
-    b = calibration_batches("cifar10", cifar10_dir, n_batches=3, batch_size=4, seed=0)
+    b = _images(calibration_batches("cifar10", cifar10_dir, n_batches=3, batch_size=4, seed=0))
     assert len(a) == 3 and all(t.shape == (4, 3, 32, 32) for t in a)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     eval_train = load_split("cifar10", "train", cifar10_dir, train_augment=False)
     pool = torch.stack([eval_train[i][0] for i in range(len(eval_train))])
     for image in torch.cat(a):
         assert (pool == image).flatten(1).all(1).any()  # an exact, un-augmented train image
-    c = calibration_batches("cifar10", cifar10_dir, n_batches=3, batch_size=4, seed=1)
+    c = _images(calibration_batches("cifar10", cifar10_dir, n_batches=3, batch_size=4, seed=1))
     assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
-    everything = calibration_batches("cifar10", cifar10_dir, n_batches=20, batch_size=16)
+    everything = _images(calibration_batches("cifar10", cifar10_dir, n_batches=20, batch_size=16))
     assert [len(t) for t in everything] == [16, 16, 16, 2]
     with pytest.raises(DeepLSPError, match="n_batches"):
         calibration_batches("cifar10", cifar10_dir, n_batches=0)
