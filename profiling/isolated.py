@@ -1,10 +1,14 @@
-"""Measure an ONNX file with ONNX Runtime in a fresh process.
+"""Measure ONNX files with ONNX Runtime in a fresh process.
 
 Measured here: a pruned ResNet-18 timed in the process that had just fine-tuned
 it took 5.46 ms; the same file in a fresh process, 4.39 ms. Heavy torch work
 (training, export) leaves the process in a state that slows ONNX Runtime by
-10-25%, so the pipeline times every candidate in a child process that imports
-ONNX Runtime and numpy only (no torch; it starts in well under a second).
+10-25%, and twice that for the tiny one-layer models of the latency table (the
+21 layers of the smallest ResNet-18 candidate summed to 1.50 ms in-process and
+0.70 ms in a child). So every timing on the `cpu` device, whole models and
+table layers alike, runs in a child process that imports ONNX Runtime and numpy
+only (no torch; it starts in well under a second). One child measures a whole
+list of files and reports each as soon as it is timed.
 """
 
 from __future__ import annotations
@@ -12,45 +16,65 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from deeplsp.errors import DeepLSPError
 from profiling.runner import LatencyStats
 
+TIMEOUT_S = 900  # per file
+
+
+def measure_isolated_many(
+    paths: Sequence[str | Path], threads: int, warmup: int, iters: int, repeats: int = 1
+) -> Iterator[LatencyStats]:
+    """Each file's stats, in order, as soon as the child has timed it.
+
+    With `repeats` > 1 a file's stats are the middle of that many timed windows
+    (by median): one burst of load on a shared machine shifts a whole window,
+    which a median inside it cannot undo.
+    """
+    if not paths:
+        return
+    cmd = [sys.executable, "-m", "profiling.isolated", str(threads), str(warmup), str(iters),
+           str(repeats), *map(str, paths)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for path in paths:
+            line = proc.stdout.readline()
+            if not line:
+                proc.wait(timeout=TIMEOUT_S)
+                lines = proc.stderr.read().strip().splitlines()
+                why = lines[-1] if lines else f"exit code {proc.returncode}"
+                raise DeepLSPError(f"measuring {path} failed: {why}")
+            yield LatencyStats(**json.loads(line))
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:  # the caller stopped early, or was interrupted
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
 
 def measure_isolated(
     path: str | Path, threads: int, warmup: int, iters: int, repeats: int = 3
 ) -> LatencyStats:
-    """The middle of `repeats` timed windows (by median), measured in a child process."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "profiling.isolated",
-        str(path),
-        str(threads),
-        str(warmup),
-        str(iters),
-        str(repeats),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise DeepLSPError(f"measuring {path} failed: {lines[-1] if lines else proc.returncode}")
-    return LatencyStats(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    """One file's stats: the middle of `repeats` timed windows, measured in a child process."""
+    return next(iter(measure_isolated_many([path], threads, warmup, iters, repeats)))
 
 
 def main(argv: list[str]) -> None:
     from profiling.onnxruntime_runner import OnnxRuntimeRunner
 
-    path, threads, warmup, iters, repeats = argv[0], *map(int, argv[1:5])
-    with OnnxRuntimeRunner(path, threads=threads) as runner:
-        # one burst of load on a shared machine shifts a whole window, which a median
-        # inside it cannot undo: keep the middle window
-        runs = sorted(
-            (runner.measure(warmup=warmup, iters=iters) for _ in range(repeats)),
-            key=lambda s: s.median,
-        )
-    print(json.dumps(runs[len(runs) // 2].to_dict()))
+    threads, warmup, iters, repeats = map(int, argv[:4])
+    for path in argv[4:]:
+        with OnnxRuntimeRunner(path, threads=threads) as runner:
+            runs = sorted(
+                (runner.measure(warmup=warmup, iters=iters) for _ in range(repeats)),
+                key=lambda s: s.median,
+            )
+        print(json.dumps(runs[len(runs) // 2].to_dict()), flush=True)
 
 
 if __name__ == "__main__":

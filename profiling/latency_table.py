@@ -15,8 +15,9 @@ import math
 import os
 import sqlite3
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from deeplsp.errors import DeepLSPError, first_line
 from devices import DeviceSpec, fingerprint
+from profiling.isolated import measure_isolated_many
 from profiling.profile import open_runner
 from profiling.runner import LatencyStats
 
@@ -286,7 +288,7 @@ class LatencyTable:
         self.warmup = warmup
         self.iters = iters
         self.path = Path(cache_path) if cache_path is not None else default_cache_path()
-        self._measure = measure if measure is not None else self._measure_on_device
+        self._measure = measure
         info = fingerprint(device)
         self.fingerprint: str = info["id"]
         self._memo: dict[LayerSig, float] = {}
@@ -323,7 +325,7 @@ class LatencyTable:
         """Median latency in ms of one layer; measured and stored on a miss."""
         if not isinstance(sig, LayerSig):
             raise DeepLSPError(f"expected a LayerSig, got {type(sig).__name__}")
-        return self._hit(sig) if self._known(sig) else self._measure_and_store(sig)
+        return self.get_many([sig])[sig]
 
     def get_many(
         self, sigs: Iterable[LayerSig], desc: str = "latency table"
@@ -341,15 +343,19 @@ class LatencyTable:
         missing = [sig for sig in unique if sig not in result]
         interval = 0.5 if sys.stderr.isatty() else 30.0
         bar = tqdm(
-            missing,
+            total=len(missing),
             desc=desc,
             unit="layer",
             leave=False,
             mininterval=interval,
             disable=len(missing) < 2,
         )
-        for sig in bar:
-            result[sig] = self._measure_and_store(sig)
+        try:
+            for sig, stats in zip(missing, self._measure_stream(missing), strict=True):
+                result[sig] = self._store(sig, stats)
+                bar.update()
+        finally:
+            bar.close()
         return {sig: result[sig] for sig in unique}
 
     def staircase(self, sig: LayerSig, out_channels: Iterable[int]) -> list[tuple[int, float]]:
@@ -406,8 +412,7 @@ class LatencyTable:
         self._hits += 1
         return self._memo[sig]
 
-    def _measure_and_store(self, sig: LayerSig) -> float:
-        stats = self._measure(sig)
+    def _store(self, sig: LayerSig, stats: LatencyStats) -> float:
         if not (math.isfinite(stats.median) and stats.median >= 0):
             raise DeepLSPError(f"measured a latency of {stats.median} ms for {sig.key()}")
         row = (
@@ -428,9 +433,23 @@ class LatencyTable:
         self._memo[sig] = float(stats.median)
         return self._memo[sig]
 
-    def _measure_on_device(self, sig: LayerSig) -> LatencyStats:
-        with open_runner(self.device, layer_onnx(sig)) as runner:
-            return runner.measure(warmup=self.warmup, iters=self.iters)
+    def _measure_stream(self, sigs: list[LayerSig]) -> Iterator[LatencyStats]:
+        """Each signature's stats in order, as measured (so each can be stored at once)."""
+        if self._measure is not None:
+            yield from map(self._measure, sigs)
+        elif self.device.backend == "onnxruntime":
+            # one child process for the batch, like every cpu timing (see profiling.isolated)
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = []
+                for i, sig in enumerate(sigs):
+                    paths.append(Path(tmp) / f"layer{i}.onnx")
+                    paths[-1].write_bytes(layer_onnx(sig))
+                threads = self.device.resolved_threads()
+                yield from measure_isolated_many(paths, threads, self.warmup, self.iters)
+        else:
+            for sig in sigs:
+                with open_runner(self.device, layer_onnx(sig)) as runner:
+                    yield runner.measure(warmup=self.warmup, iters=self.iters)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
