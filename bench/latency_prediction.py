@@ -141,8 +141,9 @@ def main() -> None:
         f"and smallest candidates. Measured: exported ONNX, middle of three windows of "
         f"{args.iters} runs, each file in a fresh process. Every variant measured twice, "
         f"independently: `remeasured_within_10pct` is the share of second measurements "
-        f"within 10% of the first, the ceiling for any predictor on this machine. Table cost: 10 random "
-        f"variants from an empty cache (cold) and again from the filled one (warm).\n\n{table_md}\n",
+        f"within 10% of the first, the ceiling for any predictor on this machine. "
+        f"Table cost: 10 random variants from an empty cache (cold) and again from the "
+        f"filled one (warm).\n\n{table_md}\n",
     )
     print(table_md)
 
