@@ -32,8 +32,9 @@ from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.errors import DeepLSPError
+from deeplsp.masks import MaskHooks
 from deeplsp.pipeline import train_dense
-from deeplsp.pruner import MaskHooks, PruneConfig, measure_model, prune
+from deeplsp.pruner import PruneConfig, measure_model, prune
 from deeplsp.structure import find_groups, prune_groups, round_channels
 from deeplsp.training import TrainConfig, evaluate, train
 from devices import fingerprint, get_device
@@ -91,7 +92,11 @@ def finetune_and_eval(model, dense, args, test_loader):
         epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=64
     )
     train(
-        model, make_loader(ds, 64, shuffle=True), cfg, MaskHooks({}, dense, 0.5, 4.0), "fine-tune"
+        model,
+        make_loader(ds, 64, shuffle=True),
+        cfg,
+        MaskHooks(model, {}, dense, 0.5, 4.0),
+        "fine-tune",
     )
     return evaluate(model.eval(), test_loader, "cpu")["top1"]
 

@@ -24,6 +24,7 @@ from deeplsp.allocation import InfeasibleBudget, Option, allocate
 from deeplsp.checkpoint import load_checkpoint, save_checkpoint
 from deeplsp.datasets import calibration_batches, get_dataset, load_split, make_loader
 from deeplsp.errors import DeepLSPError
+from deeplsp.masks import MaskHooks, Masks, apply_masks, magnitude_scores, masks_from_scores
 from deeplsp.models import input_shape
 from deeplsp.sensitivity import cached_sensitivity
 from deeplsp.structure import (
@@ -324,56 +325,15 @@ def calibrate(
 
 
 # -- unstructured stage -------------------------------------------------------------
-class MaskHooks:
-    """Keeps pruned weights at zero through fine-tuning, and distils from the dense model."""
-
-    def __init__(
-        self,
-        masks: dict[nn.Parameter, torch.Tensor],
-        teacher: nn.Module | None,
-        alpha: float,
-        temperature: float,
-    ) -> None:
-        self.masks = masks
-        self.teacher = teacher
-        self.alpha = alpha
-        self.t = temperature
-
-    def extra_loss(self, model, images, logits):
-        if self.teacher is None or self.alpha == 0:
-            return None
-        with torch.no_grad():
-            target = self.teacher(images)
-        t = self.t
-        kd = nn.functional.kl_div(
-            nn.functional.log_softmax(logits / t, 1),
-            nn.functional.softmax(target / t, 1),
-            reduction="batchmean",
-        )
-        return self.alpha * t * t * kd
-
-    @torch.no_grad()
-    def after_step(self, model):
-        for p, m in self.masks.items():
-            p.mul_(m)
-
-
-def magnitude_masks(
-    model: nn.Module, amounts: dict[str, float]
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per layer, zero the `amount` smallest-magnitude weights (the mask keeps the rest)."""
-    modules = dict(model.named_modules())
-    masks = {}
-    for name, amount in amounts.items():
-        w = modules[name].weight
-        n = int(round(amount * w.numel()))
-        if n <= 0:
-            continue
-        threshold = w.detach().abs().flatten().kthvalue(n).values
-        mask = (w.detach().abs() > threshold).to(w.dtype)
-        with torch.no_grad():
-            w.mul_(mask)
-        masks[w] = mask
+def magnitude_masks(model: nn.Module, amounts: dict[str, float]) -> Masks:
+    """Per layer, zero the `amount` smallest-magnitude weights; returns the masks."""
+    scores = magnitude_scores(model)
+    masks = {
+        name: masks_from_scores({name: scores[name]}, amount)[name]
+        for name, amount in amounts.items()
+        if amount > 0
+    }
+    apply_masks(model, masks)
     return masks
 
 
@@ -586,7 +546,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
             seed=cfg.seed,
             batch_size=64,
         )
-        hooks = MaskHooks(masks, dense, cfg.kd_alpha, cfg.kd_temperature)
+        hooks = MaskHooks(pruned, masks, dense, cfg.kd_alpha, cfg.kd_temperature)
         stages.run(
             "fine-tune",
             train,

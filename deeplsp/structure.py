@@ -12,7 +12,7 @@ The classifier's outputs (the class logits) are never pruned.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,25 +166,43 @@ def prune_groups(
     layer (torch-pruning's GroupMagnitudeImportance). Groups not in `keep` are untouched.
     """
     order = removal_order(model, input_shape, importance)
-    graph = _graph(model, input_shape)
     unknown = set(keep) - set(order)
     if unknown:
         raise DeepLSPError(f"no prunable group named {sorted(unknown)[0]!r} in this model")
-    for info, group in list(_named_groups(model, graph)):
-        if info.id not in keep:
+    drop = {}
+    for gid, k in keep.items():
+        channels = len(order[gid])
+        if not 1 <= int(k) <= channels:
+            raise DeepLSPError(f"group {gid}: keep must be in 1..{channels} (got {k})")
+        drop[gid] = order[gid][: channels - int(k)]
+    return remove_channels(model, input_shape, drop)
+
+
+def remove_channels(
+    model: nn.Module, input_shape: tuple[int, ...], drop: Mapping[str, Sequence[int]]
+) -> nn.Module:
+    """Remove the given channel indices of each group for real, in place.
+
+    For methods with their own channel choice; `prune_groups` chooses by magnitude.
+    """
+    graph = _graph(model, input_shape)
+    named = {info.id: (info, group) for info, group in _named_groups(model, graph)}
+    unknown = set(drop) - set(named)
+    if unknown:
+        raise DeepLSPError(f"no prunable group named {sorted(unknown)[0]!r} in this model")
+    for gid, idxs in drop.items():
+        info, group = named[gid]
+        idxs = sorted({int(i) for i in idxs})
+        if not idxs:
             continue
-        k = int(keep[info.id])
-        if not 1 <= k <= info.channels:
-            raise DeepLSPError(f"group {info.id}: keep must be in 1..{info.channels} (got {k})")
-        if k == info.channels:
-            continue
-        drop = order[info.id][: info.channels - k]
+        if idxs[0] < 0 or idxs[-1] >= info.channels:
+            raise DeepLSPError(f"group {gid}: channel indices must be in 0..{info.channels - 1}")
+        if len(idxs) >= info.channels:
+            raise DeepLSPError(f"group {gid}: cannot remove all {info.channels} channels")
         root = group[0].dep
-        group = graph.get_pruning_group(root.target.module, root.handler, drop)
+        group = graph.get_pruning_group(root.target.module, root.handler, idxs)
         if not graph.check_pruning_group(group):
-            raise DeepLSPError(
-                f"group {info.id}: torch-pruning refuses to remove {len(drop)} channels"
-            )
+            raise DeepLSPError(f"group {gid}: torch-pruning refuses to remove {len(idxs)} channels")
         group.prune()
     return model
 
