@@ -245,6 +245,42 @@ def cmd_prune(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from deeplsp.compare import CompareConfig, run_compare
+
+    overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        method, dot, setting = item.partition(".")
+        if not dot or "=" not in setting:
+            raise DeepLSPError(
+                f"--set expects METHOD.key=value, e.g. SNIP.sparsity=0.3 (got {item!r})"
+            )
+        overrides.setdefault(method, []).append(setting)
+    if args.budget_ms is not None:
+        overrides.setdefault("DeepLSP", []).append(f"budget_ms={args.budget_ms}")
+    if args.keep_ratio is not None:
+        overrides.setdefault("DeepLSP", []).append(f"keep_ratio={args.keep_ratio}")
+    cfg = CompareConfig(
+        model=args.model,
+        datasets=args.datasets,
+        out=str(args.out or Path("runs") / f"compare-{args.model}"),
+        pruners=args.pruners.split(",") if args.pruners else None,
+        device=args.device,
+        quick=args.quick,
+        epochs=args.epochs,
+        dense_epochs=args.dense_epochs,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+        overrides=overrides,
+        retry_failed=args.retry_failed,
+        seed=args.seed,
+    )
+    summary = run_compare(cfg)
+    failed = [c for c in summary["cells"] if c.get("error")]
+    print(f"results: {Path(cfg.out) / 'results.md'} ({len(failed)} failed cell(s))")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from deeplsp.models import MODELS
 
@@ -367,6 +403,36 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--out", type=Path, help="output folder (default runs/MODEL-DATASET-DEVICE)")
     pn.set_defaults(func=cmd_prune)
+
+    cp = sub.add_parser(
+        "compare", help="run DeepLSP and the ten baselines on datasets (resumable batch grid)"
+    )
+    cp.add_argument("model", choices=MODELS.names())
+    cp.add_argument("datasets", nargs="+", choices=DATASETS.names(), metavar="DATASET")
+    cp.add_argument("--pruners", help="comma-separated pruner names (default: all eleven)")
+    cp.add_argument("--device", default="cpu", choices=DEVICES.names())
+    cp.add_argument("--out", type=Path, help="output folder (default runs/compare-MODEL)")
+    cp.add_argument("--quick", action="store_true", help="tiny subsets, one epoch per method")
+    dl = cp.add_mutually_exclusive_group()
+    dl.add_argument("--budget-ms", type=_positive_float, help="DeepLSP's latency budget")
+    dl.add_argument("--keep-ratio", type=_positive_float, help="DeepLSP's keep ratio (0.5)")
+    cp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override a method's setting, e.g. SNIP.sparsity=0.3 (repeatable)",
+    )
+    cp.add_argument(
+        "--epochs", type=_non_negative_int, default=1, help="training budget per method"
+    )
+    cp.add_argument("--dense-epochs", type=_non_negative_int, default=1)
+    cp.add_argument("--train-subset", type=_positive_int)
+    cp.add_argument("--test-subset", type=_positive_int)
+    cp.add_argument("--data-dir", type=Path)
+    cp.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("devices", help="list target devices and whether they are ready")
     d.add_argument("--json", action="store_true", help="print full fingerprints as JSON")

@@ -29,7 +29,7 @@ from deeplsp.training import TrainConfig
 from devices import DeviceSpec
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-TARGET_METRICS = ("sparsity", "channel_reduction")
+TARGET_METRICS = ("sparsity", "channel_reduction", "latency_ms")
 
 
 @dataclass
@@ -50,6 +50,8 @@ class PruneJob:
     quick: bool = False
     data_dir: str | None = None
     dense_checkpoint: Path | None = None
+    train_subset: int | None = None  # the subsets the job's data came from (for DeepLSP,
+    test_subset: int | None = None  # which loads its own data by dataset name)
     work_dir: Path | None = None  # scratch space of this (model, dataset, method) cell
     log: Callable[[str], None] = print
 
@@ -67,8 +69,9 @@ class PruneJob:
 @dataclass
 class Outcome:
     """A method's result. `target` names what it aimed at: `sparsity` (fraction of conv and
-    linear weights that are zero) or `channel_reduction` (fraction of prunable channels
-    removed), and whether the method reaches it exactly by construction."""
+    linear weights that are zero), `channel_reduction` (fraction of prunable channels
+    removed) or `latency_ms` (measured median on the device), and whether the method
+    reaches it exactly by construction."""
 
     model: nn.Module
     structured: bool  # channels physically removed

@@ -25,6 +25,7 @@ from deeplsp.checkpoint import load_checkpoint, save_checkpoint
 from deeplsp.datasets import calibration_batches, get_dataset, load_split, make_loader
 from deeplsp.errors import DeepLSPError
 from deeplsp.masks import MaskHooks, Masks, apply_masks, magnitude_scores, masks_from_scores
+from deeplsp.methods import Method, Outcome, PruneJob, register
 from deeplsp.models import input_shape
 from deeplsp.sensitivity import cached_sensitivity
 from deeplsp.structure import (
@@ -705,3 +706,65 @@ def _staircase(lat: LatencyModel, table: LatencyTable, groups) -> dict:
     step = max(1, sig.out_channels // 32)
     points = table.staircase(sig, range(step, sig.out_channels + 1, step))
     return {"layer": name, "signature": sig.key(), "points": [list(p) for p in points]}
+
+
+# -- DeepLSP as one of the comparison's methods ----------------------------------------
+@dataclass
+class DeepLSPSettings:
+    """DeepLSP in the comparison: a latency budget, or else a keep ratio (the seed's 0.5)."""
+
+    budget_ms: float | None = None
+    keep_ratio: float | None = 0.5
+    amount: str = "0.05"  # unstructured stage: a fraction of remaining weights, or "adaptive"
+
+    def __post_init__(self) -> None:
+        if self.budget_ms is None and self.keep_ratio is None:
+            raise DeepLSPError("DeepLSP needs budget_ms or keep_ratio")
+
+
+@register
+class DeepLSP(Method):
+    name = "DeepLSP"
+    description = (
+        "this project: sensitivity- and latency-aware channel allocation measured on the "
+        "device, then magnitude pruning of the remaining weights"
+    )
+    kind = "hybrid"
+    Config = DeepLSPSettings
+
+    def run(self, job: PruneJob, cfg: DeepLSPSettings) -> Outcome:
+        work = Path(job.work_dir or tempfile.mkdtemp(prefix="deeplsp-"))
+        ckpt = job.dense_checkpoint
+        if ckpt is None:
+            ckpt = work / "dense.pt"
+            save_checkpoint(ckpt, job.dense, job.model_name, job.build, dataset=job.dataset)
+        budget = cfg.budget_ms
+        report = prune(
+            PruneConfig(
+                model=job.model_name,
+                dataset=job.dataset,
+                out=str(work / "deeplsp"),
+                device=job.device.name,
+                checkpoint=str(ckpt),
+                budget_ms=budget,
+                keep_ratio=None if budget is not None else cfg.keep_ratio,
+                amount=cfg.amount,
+                finetune_epochs=job.train_cfg.epochs,
+                quick=job.quick,
+                data_dir=job.data_dir,
+                train_subset=job.train_subset,
+                test_subset=job.test_subset,
+                seed=job.seed,
+            ),
+            log=job.log,
+        )
+        pruned = load_checkpoint(work / "deeplsp" / "pruned.pt").build_model()
+        return Outcome(
+            pruned,
+            structured=True,
+            target_metric="latency_ms" if budget is not None else "channel_reduction",
+            target=budget if budget is not None else 1 - cfg.keep_ratio,
+            exact=False,
+            channels={g["id"]: g["keep"] for g in report["groups"]},
+            info={"status": report["status"], "report": str(work / "deeplsp" / "report.md")},
+        )

@@ -141,3 +141,131 @@ def write_report(out: Path, report: dict) -> None:
     }
     write_text(out / "report.md", markdown(report))
     write_json(out / "report.json", report)
+
+
+# -- the batch comparison ------------------------------------------------------------
+COLUMNS = (
+    ("method", "method"),
+    ("kind", "type"),
+    ("target", "target"),
+    ("achieved", "achieved"),
+    ("top1_dense", "top-1 dense"),
+    ("top1", "top-1"),
+    ("sparsity", "sparsity"),
+    ("nonzero_params", "non-zero params"),
+    ("macs", "MACs"),
+    ("onnx_bytes", "ONNX bytes"),
+    ("onnx_gzip_bytes", "gzip bytes"),
+    ("latency_ms", "latency ms"),
+    ("latency_p90_ms", "p90 ms"),
+    ("speedup", "speed-up"),
+    ("seconds", "time s"),
+)
+
+
+def _cell_text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if key == "target":
+        note = "" if row["exact"] else " (inexact)"
+        return f"{row['target_metric']} {row['target']:.3g}{note}"
+    if key in ("top1", "top1_dense", "sparsity", "achieved") and value is not None:
+        return f"{value:.3f}"
+    if key in ("latency_ms", "latency_p90_ms", "speedup") and value is not None:
+        return f"{value:.3f}"
+    if key == "seconds":
+        return f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def comparison_markdown(summary: dict) -> str:
+    cfg = summary["config"]
+    fp = summary["fingerprint"]
+    lines = [f"# Pruning comparison: {cfg['model']} on device `{cfg['device']}`", ""]
+    if summary["quick"]:
+        lines += [
+            "**Quick run** (`--quick`): tiny data subsets and one training epoch per method; "
+            "accuracies are not representative.",
+            "",
+        ]
+    lines += [
+        f"Training budget per method: {cfg['epochs']} epoch(s) on "
+        f"{cfg['train_subset'] or 'all'} training images; top-1 on "
+        f"{cfg['test_subset'] or 'all'} test images. Latency: ONNX Runtime median / p90 at "
+        f"batch 1 on {fp.get('cpu', cfg['device'])}. Sparsity: fraction of conv and linear "
+        "weights that are zero. Speed-up: dense latency / pruned latency, measured the same "
+        "way.",
+        "",
+    ]
+    for dataset in cfg["datasets"]:
+        rows = [c for c in summary["cells"] if c.get("dataset") == dataset]
+        lines.append(f"## {dataset}")
+        lines.append("")
+        skipped = [c for c in rows if c.get("skipped")]
+        if skipped:
+            lines += [f"Skipped: {skipped[0]['skipped']}", ""]
+            continue
+        ok = [c for c in rows if not c.get("error")]
+        table = [[_cell_text(r, k) for k, _ in COLUMNS] for r in ok]
+        lines.append(tabulate(table, headers=[h for _, h in COLUMNS], tablefmt="github"))
+        for r in rows:
+            if r.get("error"):
+                lines.append(f"\n- **{r['method']} failed**: {r['error']}")
+        lines += ["", f"![accuracy against latency and size](plot-{dataset}.png)", ""]
+    return "\n".join(lines)
+
+
+def _comparison_plot(out: Path, dataset: str, rows: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        for ax, key in ((ax1, "latency_ms"), (ax2, "onnx_gzip_bytes")):
+            x = r[key] / 1e6 if key == "onnx_gzip_bytes" else r[key]
+            ax.scatter(x, r["top1"], s=30)
+            ax.annotate(r["method"], (x, r["top1"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    if rows:
+        for ax in (ax1, ax2):
+            ax.axhline(rows[0]["top1_dense"], color="grey", ls="--", lw=0.8, label="dense")
+            ax.legend(fontsize=7)
+    ax1.set_xlabel("measured latency (ms, median)")
+    ax2.set_xlabel("model size (MB, ONNX gzip)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("top-1")
+    ax1.set_title(f"{dataset}: accuracy against measured latency")
+    ax2.set_title(f"{dataset}: accuracy against model size")
+    fig.tight_layout()
+    name = f"plot-{dataset}.png"
+    with atomic_path(out / name) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return name
+
+
+def write_comparison(out: Path, summary: dict) -> None:
+    """results.json (everything), results.csv (one row per cell), results.md and plots."""
+    import csv
+    import io
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for dataset in summary["config"]["datasets"]:
+        rows = [
+            c
+            for c in summary["cells"]
+            if c.get("dataset") == dataset and not c.get("error") and not c.get("skipped")
+        ]
+        if rows:
+            _comparison_plot(out, dataset, rows)
+    flat = [{k: v for k, v in c.items() if not isinstance(v, dict)} for c in summary["cells"]]
+    keys = list(dict.fromkeys(k for row in flat for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(flat)
+    write_text(out / "results.csv", buf.getvalue())
+    write_json(out / "results.json", summary)
+    write_text(out / "results.md", comparison_markdown(summary))
