@@ -163,7 +163,7 @@ COLUMNS = (
 )
 
 
-def _cell_text(row: dict, key: str) -> str:
+def cell_text(row: dict, key: str) -> str:
     value = row.get(key)
     if key == "target":
         note = "" if row["exact"] else " (inexact)"
@@ -205,7 +205,7 @@ def comparison_markdown(summary: dict) -> str:
             lines += [f"Skipped: {skipped[0]['skipped']}", ""]
             continue
         ok = [c for c in rows if not c.get("error")]
-        table = [[_cell_text(r, k) for k, _ in COLUMNS] for r in ok]
+        table = [[cell_text(r, k) for k, _ in COLUMNS] for r in ok]
         lines.append(tabulate(table, headers=[h for _, h in COLUMNS], tablefmt="github"))
         for r in rows:
             if r.get("error"):
