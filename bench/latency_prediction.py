@@ -31,9 +31,17 @@ from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
 from deeplsp.models import build_model
-from deeplsp.pruner import RATIOS, LatencyModel, calibrate, candidate_keeps, measure_model
+from deeplsp.pruner import (
+    RATIOS,
+    REPEATS,
+    LatencyModel,
+    calibrate,
+    candidate_keeps,
+    measure_model,
+)
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
+from profiling.isolated import measure_isolated
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
@@ -85,10 +93,14 @@ def main() -> None:
                     keeps = {g: rng.choice(c) for g, c in candidates.items()}
                     predicted = calib.predict(lat.table_sum(keeps))
                     pruned = prune_groups(copy.deepcopy(model), shape, keeps)
-                    measured, again = (
-                        measure_model(pruned, shape, device, 10, args.iters)["latency"]["median"]
-                        for _ in range(2)
-                    )
+                    onnx_path = Path(cache) / "variant.onnx"
+                    measured = measure_model(pruned, shape, device, 10, args.iters, onnx_path)[
+                        "latency"
+                    ]["median"]
+                    # the same file again, in another fresh process, a few seconds later
+                    again = measure_isolated(
+                        onnx_path, device.resolved_threads(), 10, args.iters, REPEATS
+                    ).median
                     err = (predicted - measured) / measured
                     errors.append(err)
                     noise.append((again - measured) / measured)

@@ -37,6 +37,12 @@ from devices import fingerprint, get_device
 from profiling.counting import count_torch
 
 RESULT = "result.json"
+# the seed's table order, DeepLSP first; methods registered later follow
+ORDER = (
+    "DeepLSP", "NetworkPruner", "GrowingRegularization", "LearnableThreshold",
+    "LossModelPruner", "HybridPruner", "StructuredPruning", "SNIP", "WeightToNodePruning",
+    "L1StructuredPruning", "ADMMPruner",
+)  # fmt: skip
 
 
 def load_methods() -> None:
@@ -73,7 +79,8 @@ class CompareConfig:
         for name in self.datasets:
             get_dataset(name)
         if self.pruners is None:
-            self.pruners = METHODS.names()
+            rank = {name: i for i, name in enumerate(ORDER)}
+            self.pruners = sorted(METHODS.names(), key=lambda n: rank.get(n, len(ORDER)))
         for name in self.pruners:
             METHODS.get(name)
         for name, items in self.overrides.items():

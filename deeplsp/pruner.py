@@ -636,8 +636,13 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
 
 def _allocate_channels(groups, candidates, sens, ratio):
     """--keep-ratio: keep that fraction of all channels, placed where it hurts least."""
+    # among allocations of equal loss keep the most channels (the requested ratio), not
+    # the fewest: a model whose sensitivities are all ~0 would otherwise shrink further
     opts = {
-        g.id: [Option(k, sens[g.id].get(k, 0.0), float(k)) for k in candidates[g.id]]
+        g.id: [
+            Option(k, sens[g.id].get(k, 0.0) + 1e-9 * (g.channels - k), float(k))
+            for k in candidates[g.id]
+        ]
         for g in groups
     }
     budget = ratio * sum(g.channels for g in groups)

@@ -5,7 +5,6 @@ import json
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from deeplsp.cli import main as cli_main
 from deeplsp.compare import CompareConfig, run_compare
@@ -160,19 +159,47 @@ def test_cli_errors_are_one_line(grid, capsys):
     assert "unknown pruner 'Nope'" in capsys.readouterr().err
 
 
-def test_all_eleven_methods_are_registered():
-    from deeplsp.compare import load_methods
+def test_all_eleven_methods_are_registered_and_run_in_the_seed_order():
+    from deeplsp.compare import ORDER
 
-    load_methods()
-    names = set(METHODS.names())
-    expected = {
-        "DeepLSP", "NetworkPruner", "GrowingRegularization", "LearnableThreshold",
-        "LossModelPruner", "HybridPruner", "StructuredPruning", "SNIP",
-        "WeightToNodePruning", "L1StructuredPruning", "ADMMPruner",
-    }  # fmt: skip
-    assert expected <= names
-    for name in expected:
+    cfg = CompareConfig(model="resnet18", datasets=["fashionmnist"])
+    assert cfg.pruners == list(ORDER) and len(set(ORDER)) == 11
+    for name in ORDER:
         method = METHODS.get(name)
         assert method.kind in ("structured", "unstructured", "hybrid")
         method.config()  # the defaults are valid
-    torch.manual_seed(0)
+
+
+def test_deeplsp_runs_in_the_grid_through_the_same_interface(grid, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPLSP_CACHE_DIR", str(tmp_path / "cache"))
+    summary = run_compare(
+        grid(pruners=["DeepLSP"], overrides={"DeepLSP": ["keep_ratio=0.5", "amount=0.1"]}),
+        log=lambda m: None,
+    )
+    (row,) = summary["cells"]
+    assert row["error"] is None, row["error"]
+    assert row["structured"] and row["target_metric"] == "channel_reduction"
+    assert row["target"] == 0.5 and 0.35 <= row["achieved"] <= 0.65
+    assert row["params"] < sum(p.numel() for p in TinyResNet().parameters())
+    assert row["sparsity"] == pytest.approx(0.1, abs=0.02)  # the unstructured stage's amount
+    assert row["onnx_max_abs_diff"] < 1e-3
+    cell = tmp_path / "cmp" / "tinyresnet-fashionmnist" / "DeepLSP"
+    assert (cell / "deeplsp" / "report.md").exists() and (cell / "pruned.pt").exists()
+
+
+def test_main_py_is_the_compare_command():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "main.py", "resnet18", "nodataset"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nodataset" in lines[0] and "fashionmnist" in lines[0]

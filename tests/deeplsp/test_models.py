@@ -96,3 +96,13 @@ def test_pretrained_copies_matching_tensors_and_reports_the_rest(monkeypatch):
     fresh = load_pretrained(model, "resnet18", 32)
     assert fresh == ["conv1.weight", "fc.bias", "fc.weight"]
     assert torch.equal(model.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+
+
+def test_mobilenet_batchnorm_tracks_statistics_within_short_budgets():
+    from torch import nn
+
+    from deeplsp.models import build_model
+
+    model = build_model("mobilenet_v3_large", num_classes=10, in_channels=1, input_size=32)
+    momenta = {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {0.1}
