@@ -12,7 +12,8 @@ the table's cold (empty cache) and warm build times.
 Every variant is measured a second time, independently: the share of those
 re-measurements within +-10% of the first is the ceiling that no predictor can
 beat on this machine, and is reported next to the predictor's share.
-Results: bench/results/latency_prediction.{json,md}.
+Results: bench/results/latency_prediction.{json,md}, rewritten after every variant;
+an interrupted run resumes where it stopped (same seed and machine; `--fresh` restarts).
 
     .venv/bin/python bench/latency_prediction.py [--models resnet18,mobilenet_v3_large] [--n 50]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import tempfile
@@ -64,100 +66,117 @@ def table_cost(model, shape, groups, candidates, device, rng) -> dict:
     return out
 
 
+def _summary(name: str, rows: list[dict], meta: dict) -> dict:
+    abs_err = sorted(abs(v["rel_error"]) for v in rows)
+    noise = [abs(v["remeasured_ms"] - v["measured_ms"]) / v["measured_ms"] for v in rows]
+    return {
+        "model": name,
+        "variants": len(rows),
+        "within_10pct": f"{sum(e <= 0.10 for e in abs_err) / len(abs_err):.0%}",
+        "remeasured_within_10pct": f"{sum(n <= 0.10 for n in noise) / len(noise):.0%}",
+        "median_abs_error": f"{statistics.median(abs_err):.1%}",
+        "remeasure_median_abs_diff": f"{statistics.median(noise):.1%}",
+        "p90_abs_error": f"{abs_err[int(0.9 * (len(abs_err) - 1))]:.1%}",
+        "dense_ms": round(meta["dense_ms"], 3),
+        "smallest_ms": round(meta["smallest_ms"], 3),
+        "table_rows": meta["table"]["rows"],
+        "table_cold_s": meta["table"]["cold_s"],
+        "table_warm_s": meta["table"]["warm_s"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,mobilenet_v3_large")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="discard earlier variants (else resume)")
     args = p.parse_args()
 
     device = get_device("cpu")
-    shape = (1, 1, 32, 32)
-    summary, variants = [], []
-    with tempfile.TemporaryDirectory() as cache:
-        for name in args.models.split(","):
-            rng = random.Random(args.seed)
-            model = build_model(name, num_classes=10, in_channels=1, input_size=32).eval()
-            groups = find_groups(model, shape)
-            candidates = candidate_keeps(groups, RATIOS, device.channel_multiple)
-            cost = table_cost(model, shape, groups, candidates, device, rng)
-            with LatencyTable(device, Path(cache) / "latency.sqlite") as table:
-                lat = LatencyModel(model, shape, groups, table)
-                dense_ms = measure_model(model, shape, device, 10, args.iters)["latency"]["median"]
-                calib, small_ms = calibrate(
-                    lat, model, shape, device, candidates, dense_ms, 10, args.iters
-                )
-                errors, noise = [], []
-                for i in range(args.n):
-                    keeps = {g: rng.choice(c) for g, c in candidates.items()}
-                    predicted = calib.predict(lat.table_sum(keeps))
-                    pruned = prune_groups(copy.deepcopy(model), shape, keeps)
-                    onnx_path = Path(cache) / "variant.onnx"
-                    measured = measure_model(pruned, shape, device, 10, args.iters, onnx_path)[
-                        "latency"
-                    ]["median"]
-                    # the same file again, in another fresh process, a few seconds later
-                    again = measure_isolated(
-                        onnx_path, device.resolved_threads(), 10, args.iters, REPEATS
-                    ).median
-                    err = (predicted - measured) / measured
-                    errors.append(err)
-                    noise.append((again - measured) / measured)
-                    variants.append(
-                        {
-                            "model": name,
-                            "i": i,
-                            "predicted_ms": predicted,
-                            "measured_ms": measured,
-                            "remeasured_ms": again,
-                            "rel_error": err,
-                        }
-                    )
-                    print(
-                        f"{name} {i + 1}/{args.n}: predicted {predicted:.3f} ms, "
-                        f"measured {measured:.3f} ms ({err:+.1%}), again {again:.3f} ms",
-                        flush=True,
-                    )
-            abs_err = sorted(abs(e) for e in errors)
-            summary.append(
-                {
-                    "model": name,
-                    "variants": args.n,
-                    "within_10pct": f"{sum(e <= 0.10 for e in abs_err) / len(abs_err):.0%}",
-                    "remeasured_within_10pct": (
-                        f"{sum(abs(n) <= 0.10 for n in noise) / len(noise):.0%}"
-                    ),
-                    "median_abs_error": f"{statistics.median(abs_err):.1%}",
-                    "remeasure_median_abs_diff": f"{statistics.median(map(abs, noise)):.1%}",
-                    "p90_abs_error": f"{abs_err[int(0.9 * (len(abs_err) - 1))]:.1%}",
-                    "dense_ms": round(dense_ms, 3),
-                    "smallest_ms": round(small_ms, 3),
-                    "table_rows": cost["rows"],
-                    "table_cold_s": cost["cold_s"],
-                    "table_warm_s": cost["warm_s"],
-                }
-            )
     fp = fingerprint(device)
-    write_json(
-        RESULTS / "latency_prediction.json",
-        {"fingerprint": fp, "summary": summary, "variants": variants},
-    )
+    shape = (1, 1, 32, 32)
+    state_path = RESULTS / "latency_prediction.json"
+    state = {"fingerprint": fp, "seed": args.seed, "iters": args.iters, "models": {}}
+    if state_path.exists() and not args.fresh:
+        old = json.loads(state_path.read_text())
+        same = old.get("fingerprint", {}).get("id") == fp["id"]
+        if same and (old.get("seed"), old.get("iters")) == (args.seed, args.iters):
+            state = old  # resume: every variant measured so far is kept
+    cache = Path(__file__).parent / "cache" / "latency_prediction.sqlite"
+    for name in args.models.split(","):
+        entry = state["models"].setdefault(name, {"variants": []})
+        model = build_model(name, num_classes=10, in_channels=1, input_size=32).eval()
+        groups = find_groups(model, shape)
+        candidates = candidate_keeps(groups, RATIOS, device.channel_multiple)
+        if "table" not in entry:
+            rng_table = random.Random(args.seed + 1)
+            entry["table"] = table_cost(model, shape, groups, candidates, device, rng_table)
+        rng = random.Random(args.seed)
+        with LatencyTable(device, cache) as table, tempfile.TemporaryDirectory() as tmp:
+            lat = LatencyModel(model, shape, groups, table)
+            dense_ms = measure_model(model, shape, device, 10, args.iters)["latency"]["median"]
+            calib, small_ms = calibrate(
+                lat, model, shape, device, candidates, dense_ms, 10, args.iters
+            )
+            entry.setdefault("dense_ms", dense_ms)
+            entry.setdefault("smallest_ms", small_ms)
+            for i in range(args.n):
+                keeps = {g: rng.choice(c) for g, c in candidates.items()}
+                if i < len(entry["variants"]):
+                    continue  # measured in an earlier run (same seed: same variant)
+                predicted = calib.predict(lat.table_sum(keeps))
+                pruned = prune_groups(copy.deepcopy(model), shape, keeps)
+                onnx_path = Path(tmp) / "variant.onnx"
+                measured = measure_model(pruned, shape, device, 10, args.iters, onnx_path)[
+                    "latency"
+                ]["median"]
+                # the same file again, in another fresh process, a few seconds later
+                again = measure_isolated(
+                    onnx_path, device.resolved_threads(), 10, args.iters, REPEATS
+                ).median
+                err = (predicted - measured) / measured
+                entry["variants"].append(
+                    {
+                        "i": i,
+                        "predicted_ms": predicted,
+                        "measured_ms": measured,
+                        "remeasured_ms": again,
+                        "rel_error": err,
+                        "calibration": calib.to_dict(),
+                    }
+                )
+                write_results(state, state_path, fp, args.iters)  # kept as soon as measured
+                print(
+                    f"{name} {i + 1}/{args.n}: predicted {predicted:.3f} ms, "
+                    f"measured {measured:.3f} ms ({err:+.1%}), again {again:.3f} ms",
+                    flush=True,
+                )
+    write_results(state, state_path, fp, args.iters)
+
+
+def write_results(state: dict, state_path: Path, fp: dict, iters: int) -> None:
+    summary = [
+        _summary(name, e["variants"], e) for name, e in state["models"].items() if e["variants"]
+    ]
+    state["summary"] = summary
+    write_json(state_path, state)
     table_md = tabulate(summary, headers="keys", tablefmt="github")
     write_text(
         RESULTS / "latency_prediction.md",
         f"# Latency prediction on `cpu` ({fp['cpu']}, {fp['cores']} threads, onnxruntime "
         f"{fp['runtime']['onnxruntime']})\n\n"
-        f"{args.n} random pruned variants per model (8 candidate ratios per group), input "
-        f"1x32x32, batch 1. Predicted: per-layer table sum, calibrated on the dense, middle "
-        f"and smallest candidates. Measured: exported ONNX, middle of three windows of "
-        f"{args.iters} runs, each file in a fresh process. Every variant measured twice, "
-        f"independently: `remeasured_within_10pct` is the share of second measurements "
-        f"within 10% of the first, the ceiling for any predictor on this machine. "
-        f"Table cost: 10 random variants from an empty cache (cold) and again from the "
-        f"filled one (warm).\n\n{table_md}\n",
+        f"Random pruned variants (`variants` per model; every group at one of 8 candidate "
+        f"ratios), input 1x32x32, batch 1. Predicted: per-layer table sum (layers timed in a "
+        f"fresh process), calibrated on the dense, middle and smallest candidates. Measured: "
+        f"exported ONNX, middle of three windows of {iters} runs, in a fresh process. Every "
+        f"variant measured twice, independently: `remeasured_within_10pct` is the share of "
+        f"second measurements within 10% of the first, the ceiling for any predictor on this "
+        f"machine. Table cost: 10 random variants from an empty cache (cold) and again from "
+        f"the filled one (warm).\n\n{table_md}\n",
     )
-    print(table_md)
+    print(table_md, flush=True)
 
 
 if __name__ == "__main__":

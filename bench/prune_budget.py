@@ -36,7 +36,7 @@ from deeplsp.masks import MaskHooks
 from deeplsp.pipeline import train_dense
 from deeplsp.pruner import PruneConfig, measure_model, prune
 from deeplsp.structure import find_groups, prune_groups, round_channels
-from deeplsp.training import TrainConfig, evaluate, train
+from deeplsp.training import evaluate, short_budget, train
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 
@@ -88,9 +88,7 @@ def fit_to_budget(make, budget, device, iters, steps=7):
 
 def finetune_and_eval(model, dense, args, test_loader):
     ds = load_split("fashionmnist", "train", subset=args.train_subset, seed=0)
-    cfg = TrainConfig(
-        epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=64
-    )
+    cfg = short_budget(args.finetune_epochs)
     train(
         model,
         make_loader(ds, 64, shuffle=True),
@@ -126,13 +124,7 @@ def main() -> None:
                 name,
                 "fashionmnist",
                 ckpt,
-                TrainConfig(
-                    epochs=args.dense_epochs,
-                    optimizer="adamw",
-                    lr=1e-3,
-                    weight_decay=0.05,
-                    batch_size=64,
-                ),
+                short_budget(args.dense_epochs),
                 train_subset=args.train_subset,
                 test_subset=args.test_subset,
             )

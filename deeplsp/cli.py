@@ -216,6 +216,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         checkpoint=str(args.checkpoint) if args.checkpoint else None,
         budget_ms=args.budget_ms,
         keep_ratio=args.keep_ratio,
+        latency_weight=args.latency_weight,
         amount=args.amount,
         finetune_epochs=args.finetune_epochs,
         dense_epochs=args.dense_epochs,
@@ -373,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-ratio",
         type=_positive_float,
         help="fraction of all channels to keep (allocated by sensitivity)",
+    )
+    pn.add_argument(
+        "--latency-weight",
+        type=_non_negative_float,
+        default=1.0,
+        help="--keep-ratio: weight of latency against loss when placing channels (0: loss only)",
     )
     pn.add_argument(
         "--amount",

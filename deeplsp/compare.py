@@ -32,7 +32,7 @@ from deeplsp.masks import sparsity
 from deeplsp.methods import METHODS, Outcome, PruneJob, config_dict
 from deeplsp.models import MODELS, input_shape
 from deeplsp.structure import find_groups
-from deeplsp.training import TrainConfig, evaluate
+from deeplsp.training import evaluate, short_budget
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 
@@ -168,14 +168,7 @@ def _dense(cfg: CompareConfig, dataset: str, root: Path, log) -> tuple[torch.nn.
     ckpt_path, info_path = root / "dense.pt", root / "dense.json"
     if not ckpt_path.exists():
         log(f"{dataset}: training the dense {cfg.model} ({cfg.dense_epochs} epoch(s))")
-        tcfg = TrainConfig(
-            epochs=cfg.dense_epochs,
-            optimizer="adamw",
-            lr=1e-3,
-            weight_decay=0.05,
-            seed=cfg.seed,
-            batch_size=64,
-        )
+        tcfg = short_budget(cfg.dense_epochs, cfg.seed)
         train_dense(
             cfg.model,
             dataset,
@@ -206,9 +199,7 @@ def _dense(cfg: CompareConfig, dataset: str, root: Path, log) -> tuple[torch.nn.
 
 
 def _shape(cfg: CompareConfig, dataset: str) -> tuple[int, ...]:
-    entry = get_dataset(dataset)
-    build = {"num_classes": entry.num_classes, "in_channels": entry.in_channels}
-    return (get_device(cfg.device).batch, *input_shape({**build, "input_size": entry.input_size}))
+    return (get_device(cfg.device).batch, *input_shape(get_dataset(dataset).model_args()))
 
 
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
@@ -230,12 +221,6 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             done += len(cfg.pruners)
             continue
         dense, dense_info = _dense(cfg, dataset, root, log)
-        entry = get_dataset(dataset)
-        build = {
-            "num_classes": entry.num_classes,
-            "in_channels": entry.in_channels,
-            "input_size": entry.input_size,
-        }
         train = load_split(dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed)
         test = load_split(dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
         test_loader = make_loader(test, 256, shuffle=False)
@@ -243,7 +228,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         job_base = dict(
             model_name=cfg.model,
             dataset=dataset,
-            build=build,
+            build=get_dataset(dataset).model_args(),
             dense=dense,
             shape=_shape(cfg, dataset),
             train_loader=make_loader(train, 64, shuffle=True, seed=cfg.seed),
@@ -251,14 +236,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             # a different seed draws other training images: held out from the
             # calibration batches, for methods that score candidates on validation data
             val=calibration_batches(dataset, cfg.data_dir, n_calib, 32, cfg.seed + 1),
-            train_cfg=TrainConfig(
-                epochs=cfg.epochs,
-                optimizer="adamw",
-                lr=1e-3,
-                weight_decay=0.05,
-                seed=cfg.seed,
-                batch_size=64,
-            ),
+            train_cfg=short_budget(cfg.epochs, cfg.seed),
             device=device,
             seed=cfg.seed,
             quick=cfg.quick,

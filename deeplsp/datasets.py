@@ -51,6 +51,14 @@ class DatasetEntry:
     std: tuple[float, ...]
     default_dir_hint: str  # where the files go / how to get them, quoted in errors
 
+    def model_args(self) -> dict[str, int]:
+        """The build arguments a model for this dataset takes (and a checkpoint records)."""
+        return {
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "input_size": self.input_size,
+        }
+
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from profiling.counting import count_torch
-
 from deeplsp.checkpoint import load_checkpoint, save_checkpoint
 from deeplsp.datasets import get_dataset, load_split, make_loader
 from deeplsp.errors import DeepLSPError
 from deeplsp.models import build_model, input_shape, load_pretrained
 from deeplsp.training import TrainConfig, evaluate, train
 from export import ExportResult, export_onnx
+from profiling.counting import count_torch
 
 
 def train_dense(
@@ -49,11 +48,7 @@ def train_dense(
     test_loader = make_loader(test_ds, 256, shuffle=False, num_workers=workers)
     data_s = time.perf_counter() - t0
 
-    build = {
-        "num_classes": entry.num_classes,
-        "in_channels": entry.in_channels,
-        "input_size": entry.input_size,
-    }
+    build = entry.model_args()
     model = build_model(model_name, **build)
     fresh = None
     if pretrained:

@@ -37,7 +37,7 @@ from deeplsp.structure import (
     removal_order,
     round_channels,
 )
-from deeplsp.training import TrainConfig, evaluate, train
+from deeplsp.training import evaluate, short_budget, train
 from devices import DeviceSpec, fingerprint, get_device
 from export import export_onnx
 from profiling.counting import count_torch
@@ -61,6 +61,7 @@ class PruneConfig:
     checkpoint: str | None = None
     budget_ms: float | None = None
     keep_ratio: float | None = None
+    latency_weight: float = 1.0  # --keep-ratio: latency against loss (allocate_channels)
     amount: float | str = 0.0  # fraction of remaining weights, or "adaptive"
     finetune_epochs: int = 1
     finetune_lr: float = 1e-3
@@ -93,6 +94,8 @@ class PruneConfig:
             raise DeepLSPError(f"--budget-ms must be > 0 (got {self.budget_ms})")
         if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
             raise DeepLSPError(f"--keep-ratio must be in (0, 1] (got {self.keep_ratio})")
+        if not self.latency_weight >= 0:
+            raise DeepLSPError(f"latency_weight must be >= 0 (got {self.latency_weight})")
         if isinstance(self.amount, str):
             if self.amount != "adaptive":
                 try:
@@ -381,11 +384,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     device = get_device(cfg.device)
     entry = get_dataset(cfg.dataset)
-    build = {
-        "num_classes": entry.num_classes,
-        "in_channels": entry.in_channels,
-        "input_size": entry.input_size,
-    }
+    build = entry.model_args()
     shape = (device.batch, *input_shape(build))
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_path().parent
     torch.manual_seed(cfg.seed)
@@ -403,14 +402,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         from deeplsp.pipeline import train_dense
 
         log(f"no --checkpoint: training a dense {cfg.model} for {cfg.dense_epochs} epoch(s)")
-        tcfg = TrainConfig(
-            epochs=cfg.dense_epochs,
-            optimizer="adamw",
-            lr=1e-3,
-            weight_decay=0.05,
-            seed=cfg.seed,
-            batch_size=64,
-        )
+        tcfg = short_budget(cfg.dense_epochs, cfg.seed)
         stages.run(
             "dense training",
             train_dense,
@@ -487,7 +479,9 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         chosen: Candidate | None = None
         status = ""
         if cfg.keep_ratio is not None:
-            keeps, cost = _allocate_channels(groups, candidates, sens, cfg.keep_ratio)
+            keeps, cost = allocate_channels(
+                groups, candidates, sens, cfg.keep_ratio, lat, cfg.latency_weight
+            )
             chosen = Candidate(
                 keeps,
                 lat.table_sum(keeps),
@@ -496,7 +490,10 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
                 note=f"keep ratio {cfg.keep_ratio}",
             )
             history.append(chosen)
-            status = f"kept {cfg.keep_ratio:.0%} of channels, allocated by sensitivity"
+            status = (
+                f"kept {cfg.keep_ratio:.0%} of channels, allocated by sensitivity and "
+                f"latency (weight {cfg.latency_weight:g})"
+            )
         elif cfg.budget_ms >= dense_ms:
             chosen = Candidate(full, dense_sum, dense_ms, measured=dense_meas, note="dense")
             history.append(chosen)
@@ -539,14 +536,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         train_ds = load_split(
             cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed
         )
-        ft = TrainConfig(
-            epochs=cfg.finetune_epochs,
-            optimizer="adamw",
-            lr=cfg.finetune_lr,
-            weight_decay=0.05,
-            seed=cfg.seed,
-            batch_size=64,
-        )
+        ft = short_budget(cfg.finetune_epochs, cfg.seed, cfg.finetune_lr)
         hooks = MaskHooks(pruned, masks, dense, cfg.kd_alpha, cfg.kd_temperature)
         stages.run(
             "fine-tune",
@@ -634,13 +624,37 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     return report
 
 
-def _allocate_channels(groups, candidates, sens, ratio):
-    """--keep-ratio: keep that fraction of all channels, placed where it hurts least."""
-    # among allocations of equal loss keep the most channels (the requested ratio), not
-    # the fewest: a model whose sensitivities are all ~0 would otherwise shrink further
+def allocate_channels(
+    groups: list[ChannelGroup],
+    candidates: dict[str, list[int]],
+    sens: dict[str, dict[int, float]],
+    ratio: float,
+    lat: LatencyModel,
+    latency_weight: float = 1.0,
+) -> tuple[dict[str, int], float]:
+    """--keep-ratio: keep that fraction of all channels, placed by sensitivity and latency.
+
+    A multiple-choice knapsack over channel counts whose cost is a group's loss increase
+    plus `latency_weight` times its table latency, latency scaled so that the whole
+    model's range of latency weighs as much as its whole range of loss increase: at a
+    fixed channel count, channels that cost latency go first among equally harmless ones.
+    Among equal costs the most channels are kept (a model with ~0 sensitivities would
+    otherwise shrink below the ratio).
+    """
+    full = {g: max(c) for g, c in candidates.items()}
+    per, _ = lat.options(full, candidates)
+    sens_range = sum(max(sens[g].values()) - min(sens[g].values()) for g in candidates)
+    lat_range = sum(max(per[g].values()) - min(per[g].values()) for g in candidates)
+    scale = latency_weight * (sens_range / lat_range if sens_range > 0 and lat_range > 0 else 0)
     opts = {
         g.id: [
-            Option(k, sens[g.id].get(k, 0.0) + 1e-9 * (g.channels - k), float(k))
+            Option(
+                k,
+                sens[g.id].get(k, 0.0)
+                + scale * (per[g.id][k] - min(per[g.id].values()))
+                + 1e-9 * (g.channels - k),
+                float(k),
+            )
             for k in candidates[g.id]
         ]
         for g in groups
@@ -653,7 +667,8 @@ def _allocate_channels(groups, candidates, sens, ratio):
             f"--keep-ratio {ratio} keeps fewer channels than the smallest candidates allow "
             f"({exc.min_latency / sum(g.channels for g in groups):.1%})"
         ) from None
-    return alloc.keeps(), alloc.cost
+    keeps = alloc.keeps()
+    return keeps, sum(sens[g].get(k, 0.0) for g, k in keeps.items())
 
 
 def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, history, log):

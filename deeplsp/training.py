@@ -65,6 +65,14 @@ class TrainConfig:
         return cls(**data)
 
 
+def short_budget(epochs: int, seed: int = 0, lr: float = 1e-3) -> TrainConfig:
+    """AdamW at batch 64: the settings of the short dense and fine-tuning runs of pruning
+    (SGD needs far more epochs; measured 58% vs 77% top-1 after one ResNet-18 epoch)."""
+    return TrainConfig(
+        epochs=epochs, optimizer="adamw", lr=lr, weight_decay=0.05, seed=seed, batch_size=64
+    )
+
+
 class TrainHooks(Protocol):
     def extra_loss(
         self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor

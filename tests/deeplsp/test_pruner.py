@@ -215,3 +215,37 @@ def test_wrong_checkpoint_model_is_refused(tmp_path, tiny, fashionmnist_dir):
             _cfg(tmp_path, fashionmnist_dir, model="resnet18", checkpoint=str(path), budget_ms=1.0),
             log=lambda s: None,
         )
+
+
+class _StubLatency:
+    """Per-group table latency at each candidate: group `slow` costs 10x per channel."""
+
+    def __init__(self, per_channel):
+        self.per_channel = per_channel
+
+    def options(self, keeps, candidates):
+        per = {g: {k: self.per_channel[g] * k for k in c} for g, c in candidates.items()}
+        return per, 0.0
+
+
+def test_keep_ratio_places_channels_by_sensitivity_and_latency():
+    from deeplsp.pruner import allocate_channels
+    from deeplsp.structure import ChannelGroup
+
+    groups = [ChannelGroup("fast", 8, ("fast",), ()), ChannelGroup("slow", 8, ("slow",), ())]
+    candidates = {"fast": [2, 4, 6, 8], "slow": [2, 4, 6, 8]}
+    flat = {g: {k: 0.1 * (8 - k) for k in c} for g, c in candidates.items()}  # equal harm
+    lat = _StubLatency({"fast": 1.0, "slow": 10.0})
+    keeps, _ = allocate_channels(groups, candidates, flat, 0.5, lat)
+    assert sum(keeps.values()) <= 8 and keeps["slow"] < keeps["fast"]  # latency decides
+    # without latency the tie is broken toward keeping channels, not toward a group
+    keeps0, _ = allocate_channels(groups, candidates, flat, 0.5, lat, latency_weight=0)
+    assert sum(keeps0.values()) == 8
+    # a group whose channels matter a lot keeps them despite its latency
+    harmful = {"fast": flat["fast"], "slow": {k: 5.0 * (8 - k) for k in candidates["slow"]}}
+    keeps_h, _ = allocate_channels(groups, candidates, harmful, 0.5, lat)
+    assert keeps_h["slow"] > keeps_h["fast"]
+    # sensitivities all zero: the ratio is still met, not undershot
+    zero = {g: dict.fromkeys(c, 0.0) for g, c in candidates.items()}
+    keeps_z, _ = allocate_channels(groups, candidates, zero, 0.5, lat)
+    assert sum(keeps_z.values()) == 8
