@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -180,8 +181,6 @@ def _dense(cfg: CompareConfig, dataset: str, root: Path, log) -> tuple[torch.nn.
         )
     model = load_checkpoint(ckpt_path, expect_model=cfg.model).build_model().eval()
     if info_path.exists():
-        import json
-
         return model, json.loads(info_path.read_text())
     test = load_split(dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
     shape = _shape(cfg, dataset)
@@ -252,8 +251,6 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             tag = f"[{done}/{total}] {cfg.model}/{dataset}/{name}"
             result_path = cell / RESULT
             if result_path.exists():
-                import json
-
                 previous = json.loads(result_path.read_text())
                 if not (cfg.retry_failed and previous.get("error")):
                     log(f"{tag}: done before, skipped")
