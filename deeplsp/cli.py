@@ -131,33 +131,48 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def _device(args: argparse.Namespace):
+    """The device named by --device, reached through --device-url / env / config."""
+    from devices import resolve_device
+
+    return resolve_device(args.device, getattr(args, "device_url", None))
+
+
+def _device_line(device, fp: dict) -> str:
+    hw = fp.get("gpu") or fp.get("jetson") or fp.get("cpu") or "?"
+    where = f" via {device.url}" if device.url else ""
+    return f"{device.name}{where} ({hw}, id {fp['id']})"
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
-    from devices import get_device
     from profiling.profile import profile_onnx
 
-    device = get_device(args.device)
+    device = _device(args)
     if args.threads is not None:
         from dataclasses import replace
 
         device = replace(device, threads=args.threads)
     r = profile_onnx(args.model, device, warmup=args.warmup, iters=args.iters)
     lat = r["latency_ms"]
-    _print_table(
-        [
-            ("model", r["model"]),
-            ("device", f"{device.name} ({r['fingerprint']['cpu']}, id {r['fingerprint']['id']})"),
-            (
-                "runtime",
-                f"onnxruntime {lat['settings'].get('version')}, "
-                f"{lat['settings'].get('intra_op_threads')} threads",
-            ),
-            ("latency median / p90", f"{lat['median']:.3f} / {lat['p90']:.3f} ms"),
-            ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (n={lat['n']})"),
+    runtime = " ".join(str(lat["settings"].get(k, "")) for k in ("runtime", "version")).strip()
+    if lat["settings"].get("intra_op_threads"):
+        runtime += f", {lat['settings']['intra_op_threads']} threads"
+    rows = [
+        ("model", r["model"]),
+        ("device", _device_line(device, r["fingerprint"])),
+        ("runtime", runtime or "?"),
+        ("latency median / p90", f"{lat['median']:.3f} / {lat['p90']:.3f} ms"),
+        ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (n={lat['n']})"),
+    ]
+    if lat.get("copy_median") is not None:
+        rows.append(("host<->device copies (median)", f"{lat['copy_median']:.3f} ms"))
+    if r["cost"] is not None:
+        rows += [
             ("MACs (conv + linear)", f"{r['cost']['macs']:,}"),
             ("weights in graph", f"{r['cost']['params']:,}"),
-            ("file size", f"{r['size_bytes'] / 1e6:.2f} MB"),
         ]
-    )
+    rows.append(("file size", f"{r['size_bytes'] / 1e6:.2f} MB"))
+    _print_table(rows)
     if args.json:
         from deeplsp.atomic import write_json
 
@@ -166,42 +181,27 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
-    from importlib.util import find_spec
+    from profiling.target import device_statuses
 
-    from devices import DEVICES, fingerprint
-
-    rows = []
-    for d in DEVICES:
-        missing = [m for m in d.requires if find_spec(m) is None]
-        status = "ready" if not missing else f"needs {', '.join(missing)}"
-        fp = fingerprint(d)["id"] if not missing else "-"
-        rows.append(
-            (
-                d.name,
-                d.backend,
-                d.precision,
-                d.batch,
-                d.resolved_threads(),
-                d.channel_multiple,
-                status,
-                fp,
-                d.description,
-            )
+    statuses = device_statuses(getattr(args, "device_url", None))
+    rows = [
+        (
+            st.device.name,
+            st.device.backend,
+            st.device.precision,
+            st.device.channel_multiple,
+            st.device.url or st.device.location,
+            st.status,
+            st.fingerprint["id"] if st.fingerprint else "-",
+            st.device.description,
         )
-    headers = (
-        "device",
-        "backend",
-        "precision",
-        "batch",
-        "threads",
-        "channel multiple",
-        "status",
-        "fingerprint",
-        "description",
-    )
+        for st in statuses
+    ]
+    headers = ("device", "backend", "precision", "channel multiple", "reached", "status",
+               "fingerprint", "description")  # fmt: skip
     _print_table(rows, headers)
     if args.json:
-        print(json.dumps([fingerprint(d) for d in DEVICES], indent=2))
+        print(json.dumps([st.fingerprint for st in statuses if st.fingerprint], indent=2))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -213,6 +213,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         dataset=args.dataset,
         out=str(out),
         device=args.device,
+        device_url=args.device_url,
         checkpoint=str(args.checkpoint) if args.checkpoint else None,
         budget_ms=args.budget_ms,
         keep_ratio=args.keep_ratio,
@@ -267,6 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         out=str(args.out or Path("runs") / f"compare-{args.model}"),
         pruners=args.pruners.split(",") if args.pruners else None,
         device=args.device,
+        device_url=args.device_url,
         quick=args.quick,
         epochs=args.epochs,
         dense_epochs=args.dense_epochs,
@@ -357,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure an ONNX model's latency on a device")
     pr.add_argument("model", type=Path, help="ONNX file")
     pr.add_argument("--device", default="cpu", choices=DEVICES.names())
+    pr.add_argument(
+        "--device-url",
+        metavar="URL",
+        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
+    )
     pr.add_argument("--warmup", type=_non_negative_int, default=20)
     pr.add_argument("--iters", type=_positive_int, default=100)
     pr.add_argument("--threads", type=_positive_int, help="override the device's thread count")
@@ -368,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--dataset", required=True, choices=DATASETS.names())
     pn.add_argument("--checkpoint", type=Path, help="dense checkpoint (default: train one first)")
     pn.add_argument("--device", default="cpu", choices=DEVICES.names())
+    pn.add_argument(
+        "--device-url",
+        metavar="URL",
+        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
+    )
     target = pn.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget-ms", type=_positive_float, help="latency budget on the device")
     target.add_argument(
@@ -418,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("datasets", nargs="+", choices=DATASETS.names(), metavar="DATASET")
     cp.add_argument("--pruners", help="comma-separated pruner names (default: all eleven)")
     cp.add_argument("--device", default="cpu", choices=DEVICES.names())
+    cp.add_argument(
+        "--device-url",
+        metavar="URL",
+        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
+    )
     cp.add_argument("--out", type=Path, help="output folder (default runs/compare-MODEL)")
     cp.add_argument("--quick", action="store_true", help="tiny subsets, one epoch per method")
     dl = cp.add_mutually_exclusive_group()
@@ -443,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("devices", help="list target devices and whether they are ready")
     d.add_argument("--json", action="store_true", help="print full fingerprints as JSON")
+    d.add_argument(
+        "--device-url",
+        metavar="URL",
+        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
+    )
     d.set_defaults(func=cmd_devices)
 
     sub.add_parser("models", help="list models").set_defaults(func=cmd_models)

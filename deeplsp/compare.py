@@ -34,7 +34,8 @@ from deeplsp.methods import METHODS, Outcome, PruneJob, config_dict
 from deeplsp.models import MODELS, input_shape
 from deeplsp.structure import find_groups
 from deeplsp.training import evaluate, short_budget
-from devices import fingerprint, get_device
+from devices import DeviceSpec, get_device, resolve_device
+from profiling import target
 from profiling.counting import count_torch
 
 RESULT = "result.json"
@@ -59,6 +60,7 @@ class CompareConfig:
     out: str = "runs/compare"
     pruners: list[str] | None = None  # None: all registered
     device: str = "cpu"
+    device_url: str | None = None  # measure through the agent there (else env / config)
     quick: bool = False
     epochs: int = 1  # training budget of every method
     dense_epochs: int = 1
@@ -161,7 +163,9 @@ def evaluate_outcome(
     }
 
 
-def _dense(cfg: CompareConfig, dataset: str, root: Path, log) -> tuple[torch.nn.Module, dict]:
+def _dense(
+    cfg: CompareConfig, device: DeviceSpec, dataset: str, root: Path, log
+) -> tuple[torch.nn.Module, dict]:
     """Train (or load) the dense model once per dataset, and measure it once."""
     from deeplsp.pipeline import train_dense
     from deeplsp.pruner import measure_model
@@ -183,8 +187,8 @@ def _dense(cfg: CompareConfig, dataset: str, root: Path, log) -> tuple[torch.nn.
     if info_path.exists():
         return model, json.loads(info_path.read_text())
     test = load_split(dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
-    shape = _shape(cfg, dataset)
-    measured = measure_model(model, shape, get_device(cfg.device), cfg.warmup, cfg.iters)
+    shape = _shape(device, dataset)
+    measured = measure_model(model, shape, device, cfg.warmup, cfg.iters)
     info = {
         "test": evaluate(model, make_loader(test, 256, shuffle=False), "cpu"),
         "latency_ms": measured["latency"],
@@ -197,8 +201,8 @@ def _dense(cfg: CompareConfig, dataset: str, root: Path, log) -> tuple[torch.nn.
     return model, info
 
 
-def _shape(cfg: CompareConfig, dataset: str) -> tuple[int, ...]:
-    return (get_device(cfg.device).batch, *input_shape(get_dataset(dataset).model_args()))
+def _shape(device: DeviceSpec, dataset: str) -> tuple[int, ...]:
+    return (device.batch, *input_shape(get_dataset(dataset).model_args()))
 
 
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
@@ -206,7 +210,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
     from deeplsp.report import write_comparison
 
     out = Path(cfg.out)
-    device = get_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.device_url)
     cells: list[dict] = []
     total = len(cfg.datasets) * len(cfg.pruners)
     done = 0
@@ -219,7 +223,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             cells.append({"model": cfg.model, "dataset": dataset, "skipped": str(exc)})
             done += len(cfg.pruners)
             continue
-        dense, dense_info = _dense(cfg, dataset, root, log)
+        dense, dense_info = _dense(cfg, device, dataset, root, log)
         train = load_split(dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed)
         test = load_split(dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
         test_loader = make_loader(test, 256, shuffle=False)
@@ -229,7 +233,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             dataset=dataset,
             build=get_dataset(dataset).model_args(),
             dense=dense,
-            shape=_shape(cfg, dataset),
+            shape=_shape(device, dataset),
             train_loader=make_loader(train, 64, shuffle=True, seed=cfg.seed),
             calib=calibration_batches(dataset, cfg.data_dir, n_calib, 32, cfg.seed),
             # a different seed draws other training images: held out from the
@@ -260,7 +264,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
     summary = {
         "config": dataclasses.asdict(cfg),
         "quick": cfg.quick,
-        "fingerprint": fingerprint(device),
+        "fingerprint": target.fingerprint(device),
         "cells": cells,
     }
     write_comparison(out, summary)

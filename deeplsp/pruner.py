@@ -38,12 +38,11 @@ from deeplsp.structure import (
     round_channels,
 )
 from deeplsp.training import evaluate, short_budget, train
-from devices import DeviceSpec, fingerprint, get_device
+from devices import DeviceSpec, resolve_device
 from export import export_onnx
+from profiling import target
 from profiling.counting import count_torch
-from profiling.isolated import measure_isolated
 from profiling.latency_table import Calibration, LatencyTable, LayerSig, default_cache_path
-from profiling.profile import open_runner
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
@@ -58,6 +57,7 @@ class PruneConfig:
     dataset: str
     out: str
     device: str = "cpu"
+    device_url: str | None = None  # measure through the agent there (else env / config)
     checkpoint: str | None = None
     budget_ms: float | None = None
     keep_ratio: float | None = None
@@ -291,11 +291,7 @@ def measure_model(
     with tempfile.TemporaryDirectory() as tmp:
         target = path or Path(tmp) / "candidate.onnx"
         result = export_onnx(model, shape, target)
-        if device.backend == "onnxruntime":
-            stats = measure_isolated(result.path, device.resolved_threads(), warmup, iters, REPEATS)
-        else:
-            with open_runner(device, result.path) as runner:
-                stats = runner.measure(warmup=warmup, iters=iters)
+        stats = target.measure(device, result.path, warmup, iters, REPEATS)
     return {"latency": stats.to_dict(), "export": result.to_dict()}
 
 
@@ -382,7 +378,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
 
     stages = _Stages()
     out = Path(cfg.out)
-    device = get_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.device_url)
     entry = get_dataset(cfg.dataset)
     build = entry.model_args()
     shape = (device.batch, *input_shape(build))
@@ -449,7 +445,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     )
 
     # 4. latency on the device
-    fp = fingerprint(device)
+    fp = target.fingerprint(device)
     dense_meas = stages.run("measure", measure_model, dense, shape, device, cfg.warmup, cfg.iters)
     dense_ms = dense_meas["latency"]["median"]
     log(f"dense {cfg.model}: {dense_ms:.3f} ms median on {device.name}")
@@ -765,6 +761,7 @@ class DeepLSP(Method):
                 dataset=job.dataset,
                 out=str(work / "deeplsp"),
                 device=job.device.name,
+                device_url=job.device.url,
                 checkpoint=str(ckpt),
                 budget_ms=budget,
                 keep_ratio=None if budget is not None else cfg.keep_ratio,

@@ -7,6 +7,8 @@ from devices.spec import DeviceSpec
 
 DEVICES: Registry[DeviceSpec] = Registry("device")
 
+_TRT = ("tensorrt", "pycuda")
+
 DEVICES.register(
     DeviceSpec(
         name="cpu",
@@ -17,6 +19,38 @@ DEVICES.register(
         threads=None,
         channel_multiple=1,
         requires=("onnxruntime",),
+    )
+)
+# fp16 tensor cores on Ampere (every Orin) want channel counts in multiples of 8;
+# other counts are padded by TensorRT, so pruning between multiples buys nothing.
+for _name, _what in (
+    ("jetson-orin", "Jetson AGX Orin"),
+    ("jetson-orin-nx", "Jetson Orin NX"),
+    ("jetson-orin-nano", "Jetson Orin Nano"),
+):
+    DEVICES.register(
+        DeviceSpec(
+            name=_name,
+            description=f"{_what} GPU through TensorRT (fp16, batch 1), via its agent",
+            backend="tensorrt",
+            precision="fp16",
+            batch=1,
+            threads=1,
+            channel_multiple=8,
+            location="agent",
+            requires=_TRT,
+        )
+    )
+DEVICES.register(
+    DeviceSpec(
+        name="gpu",
+        description="this machine's CUDA GPU through TensorRT (fp16, batch 1)",
+        backend="tensorrt",
+        precision="fp16",
+        batch=1,
+        threads=1,
+        channel_multiple=8,
+        requires=_TRT,
     )
 )
 

@@ -10,13 +10,16 @@ from dataclasses import asdict, dataclass, field
 class DeviceSpec:
     name: str
     description: str
-    backend: str  # runtime that measures latency: "onnxruntime" (later "tensorrt")
+    backend: str  # runtime that measures latency: "onnxruntime" or "tensorrt"
     precision: str = "fp32"
     batch: int = 1
     threads: int | None = None  # None: every core this process may use
     channel_multiple: int = 1  # pruned channel counts are rounded to this
-    location: str = "local"  # "local", or "agent" reached through a URL
+    # "local": measured in this process's machine; "agent": usually reached through an
+    # agent at a URL (a Jetson seen from the workstation), local when run on the device.
+    location: str = "local"
     requires: tuple[str, ...] = field(default_factory=tuple)
+    url: str | None = None  # set by devices.config.resolve_device: measure through this agent
 
     def resolved_threads(self) -> int:
         if self.threads is not None:

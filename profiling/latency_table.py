@@ -28,9 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from deeplsp.errors import DeepLSPError, first_line
-from devices import DeviceSpec, fingerprint
-from profiling.isolated import measure_isolated_many
-from profiling.profile import open_runner
+from devices import DeviceSpec
+from profiling import target
 from profiling.runner import LatencyStats
 
 KINDS = ("conv", "linear")
@@ -289,7 +288,7 @@ class LatencyTable:
         self.iters = iters
         self.path = Path(cache_path) if cache_path is not None else default_cache_path()
         self._measure = measure
-        info = fingerprint(device)
+        info = target.fingerprint(device)
         self.fingerprint: str = info["id"]
         self._memo: dict[LayerSig, float] = {}
         self._hits = 0
@@ -437,19 +436,14 @@ class LatencyTable:
         """Each signature's stats in order, as measured (so each can be stored at once)."""
         if self._measure is not None:
             yield from map(self._measure, sigs)
-        elif self.device.backend == "onnxruntime":
-            # one child process for the batch, like every cpu timing (see profiling.isolated)
+        else:
+            # one batch through the device (a single child process on the cpu device)
             with tempfile.TemporaryDirectory() as tmp:
                 paths = []
                 for i, sig in enumerate(sigs):
                     paths.append(Path(tmp) / f"layer{i}.onnx")
                     paths[-1].write_bytes(layer_onnx(sig))
-                threads = self.device.resolved_threads()
-                yield from measure_isolated_many(paths, threads, self.warmup, self.iters)
-        else:
-            for sig in sigs:
-                with open_runner(self.device, layer_onnx(sig)) as runner:
-                    yield runner.measure(warmup=self.warmup, iters=self.iters)
+                yield from target.measure_many(self.device, paths, self.warmup, self.iters)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -1,38 +1,57 @@
-"""Measure an ONNX model on a device: latency, cost and the device fingerprint."""
+"""Measure a model file on a device: latency, cost and the device fingerprint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from deeplsp.errors import DeepLSPError
-from devices import DeviceSpec, fingerprint
+from devices import DeviceSpec
+from profiling import target
 from profiling.counting import count_onnx
-from profiling.onnxruntime_runner import OnnxRuntimeRunner
-from profiling.runner import Runner
 
 
-def open_runner(device: DeviceSpec, model: str | Path | bytes) -> Runner:
-    """The runner for a device's backend (not yet activated)."""
-    if device.backend == "onnxruntime":
-        return OnnxRuntimeRunner(model, threads=device.resolved_threads())
-    raise DeepLSPError(f"device {device.name!r} uses backend {device.backend!r}, not supported yet")
+def onnx_input_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Input name -> shape of an ONNX file, read without loading its weights."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(value):
+        return value.type.tensor_type.shape.dim
+
+    weights = {init.name for init in graph.initializer}
+    return {
+        i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in dims(i)]
+        for i in graph.input
+        if i.name not in weights
+    }
 
 
 def profile_onnx(path: str | Path, device: DeviceSpec, warmup: int = 20, iters: int = 100) -> dict:
+    """Profile an ONNX file, or on a TensorRT device also a built engine (`.engine`, whose
+    metadata JSON beside it gives the inputs)."""
     path = Path(path)
     if not path.is_file():
-        raise DeepLSPError(f"ONNX file {path} does not exist")
+        raise DeepLSPError(f"model file {path} does not exist")
     if warmup < 0 or iters < 1:
         raise DeepLSPError(f"--warmup must be >= 0 and --iters >= 1 (got {warmup}, {iters})")
-    with open_runner(device, path) as runner:
-        stats = runner.measure(warmup=warmup, iters=iters)
-        shapes = {name: list(shape) for name, (shape, _) in runner.input_specs().items()}
+    if path.suffix in (".engine", ".plan", ".trt"):
+        stats = target.measure_engine(device, path, warmup, iters, repeats=1)
+        meta = Path(f"{path}.json")
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        shapes = {i["name"]: i["shape"] for i in info.get("inputs", [])}
+        cost = None
+    else:
+        stats = target.measure(device, path, warmup, iters, repeats=1)
+        shapes = onnx_input_shapes(path)
+        cost = count_onnx(path).to_dict()
     return {
         "model": str(path),
         "inputs": shapes,
         "latency_ms": stats.to_dict(),
-        "cost": count_onnx(path).to_dict(),
+        "cost": cost,
         "size_bytes": path.stat().st_size,
         "device": device.to_dict(),
-        "fingerprint": fingerprint(device),
+        "fingerprint": target.fingerprint(device),
     }

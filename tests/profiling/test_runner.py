@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deeplsp.errors import DeepLSPError
 from devices import get_device
 from profiling.onnxruntime_runner import OnnxRuntimeRunner
-from profiling.profile import open_runner, profile_onnx
+from profiling.profile import profile_onnx
 from profiling.runner import LatencyStats
 
 
@@ -85,7 +85,7 @@ def test_profile_onnx_records_latency_cost_and_fingerprint(tmp_path):
     assert r["fingerprint"]["id"] and r["device"]["name"] == "cpu"
     with pytest.raises(DeepLSPError, match="does not exist"):
         profile_onnx(tmp_path / "missing.onnx", cpu)
-    assert open_runner(cpu, path).threads == cpu.resolved_threads()
+    assert r["latency_ms"]["settings"]["intra_op_threads"] == cpu.resolved_threads()
 
 
 def test_measure_isolated_runs_in_a_child_process(tmp_path):

@@ -1,0 +1,209 @@
+"""A device as this process reaches it: every measurement, engine build and
+fingerprint goes through here, so DeepLSP runs unchanged whether the device is this
+machine or a Jetson behind `deeplsp agent serve` (`DeviceSpec.url` set).
+
+Locally: ONNX Runtime files are timed in a child process (see profiling.isolated);
+TensorRT devices build an engine from the ONNX file on this GPU and time it.
+Remotely: the agent does the same on its device, with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from deeplsp.errors import DeepLSPError
+from devices import DeviceSpec
+from devices import fingerprint as local_fingerprint
+from profiling.runner import LatencyStats
+
+
+@lru_cache(maxsize=8)
+def _client_for(url: str, device_name: str):
+    from devices.config import agent_token
+    from profiling.remote import AgentClient
+
+    return AgentClient(url, agent_token(device_name))
+
+
+def client(device: DeviceSpec):
+    """The agent client of a remote device (one per URL in this process)."""
+    if device.url is None:
+        raise DeepLSPError(f"device {device.name!r} is local; it has no agent URL")
+    return _client_for(device.url, device.name)
+
+
+@lru_cache(maxsize=8)
+def _remote_info(url: str, device_name: str) -> dict:
+    info = _client_for(url, device_name).info()
+    served = info["device"]["name"]
+    if served != device_name:
+        raise DeepLSPError(
+            f"the agent at {url} serves device {served!r}, not {device_name!r}; "
+            f"use --device {served} or the URL of a {device_name} agent"
+        )
+    return info
+
+
+def fingerprint(device: DeviceSpec) -> dict:
+    """Hardware, runtime and settings that latencies on `device` depend on, with an id."""
+    if device.url is not None:
+        return dict(_remote_info(device.url, device.name)["fingerprint"])
+    return local_fingerprint(device)
+
+
+def engine_config(device: DeviceSpec):
+    """The TensorRT build settings of a TensorRT device (its precision, a shared timing
+    cache so rebuilding similar candidates is quick)."""
+    from export.tensorrt_export import EngineConfig
+
+    if device.backend != "tensorrt":
+        raise DeepLSPError(
+            f"device {device.name!r} runs {device.backend} and has no TensorRT engines"
+        )
+    cache = Path.home() / ".cache" / "deeplsp" / f"timing-{device.name}.cache"
+    return EngineConfig(precision=device.precision, timing_cache=cache)
+
+
+def measure_many(
+    device: DeviceSpec, paths: Sequence[str | Path], warmup: int, iters: int, repeats: int = 1
+) -> Iterator[LatencyStats]:
+    """Each ONNX file's latency on the device, in order, as soon as it is measured."""
+    if device.url is not None:
+        _remote_info(device.url, device.name)
+        for path in paths:
+            yield client(device).profile(Path(path), warmup, iters, repeats)
+    elif device.backend == "onnxruntime":
+        from profiling.isolated import measure_isolated_many
+
+        yield from measure_isolated_many(paths, device.resolved_threads(), warmup, iters, repeats)
+    elif device.backend == "tensorrt":
+        from profiling.tensorrt_runner import measure_onnx_tensorrt
+
+        for path in paths:
+            yield measure_onnx_tensorrt(Path(path), engine_config(device), warmup, iters, repeats)
+    else:
+        raise DeepLSPError(f"device {device.name!r} has an unknown backend {device.backend!r}")
+
+
+def measure(
+    device: DeviceSpec, path: str | Path, warmup: int, iters: int, repeats: int = 3
+) -> LatencyStats:
+    """One ONNX file's latency: the middle of `repeats` timed windows."""
+    return next(iter(measure_many(device, [path], warmup, iters, repeats)))
+
+
+def measure_engine(
+    device: DeviceSpec, engine_path: str | Path, warmup: int, iters: int, repeats: int = 3
+) -> LatencyStats:
+    """A TensorRT engine file's latency (engines only run where they were built)."""
+    engine_config(device)  # the error for non-TensorRT devices
+    if device.url is not None:
+        _remote_info(device.url, device.name)
+        return client(device).profile(Path(engine_path), warmup, iters, repeats, kind="engine")
+    from profiling.tensorrt_runner import TensorRTRunner
+
+    runs = []
+    with TensorRTRunner(Path(engine_path)) as runner:
+        for _ in range(repeats):
+            runs.append(runner.measure(warmup=warmup, iters=iters))
+    return sorted(runs, key=lambda s: s.median)[len(runs) // 2]
+
+
+def build_engine(
+    device: DeviceSpec,
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    calibration: Sequence[np.ndarray] | None = None,
+) -> dict:
+    """Build the device's TensorRT engine for an ONNX file (on the device itself when it
+    is remote); writes `engine_path` and its metadata JSON, returns the metadata."""
+    config = engine_config(device)
+    if device.url is not None:
+        _remote_info(device.url, device.name)
+        if calibration is not None:
+            raise DeepLSPError("int8 calibration through an agent is not supported yet")
+        return client(device).build_engine(Path(onnx_path), Path(engine_path))
+    from export.tensorrt_export import build_engine as build_local
+
+    return build_local(Path(onnx_path), Path(engine_path), config, calibration)
+
+
+def infer(
+    device: DeviceSpec, path: str | Path, inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Run an ONNX file (or, on TensorRT devices, an engine) once on the device."""
+    path = Path(path)
+    if device.url is not None:
+        _remote_info(device.url, device.name)
+        return client(device).infer(path, inputs)
+    if device.backend == "onnxruntime":
+        from profiling.onnxruntime_runner import OnnxRuntimeRunner
+
+        with OnnxRuntimeRunner(path, threads=device.resolved_threads()) as runner:
+            return runner.infer(inputs)
+    from profiling.tensorrt_runner import TensorRTRunner
+
+    if path.suffix == ".onnx":
+        raise DeepLSPError(f"{path}: build an engine first (device {device.name!r} runs TensorRT)")
+    with TensorRTRunner(path) as runner:
+        return runner.infer(inputs)
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device: DeviceSpec
+    status: str  # "ready", or why it is not
+    fingerprint: dict | None
+
+
+def device_statuses(url: str | None = None) -> list[DeviceStatus]:
+    """Every known device and whether it can be measured now. `url` (else
+    $DEEPLSP_DEVICE_URL) is an agent: it is shown against the device it serves."""
+    import os
+
+    from devices import DEVICES
+    from devices.config import (
+        ENV_URL,
+        check_url,
+        load_config,
+        missing_requirements,
+        on_jetson,
+        resolve_device,
+    )
+
+    config = load_config()
+    url = url or os.environ.get(ENV_URL)
+    served = None
+    if url:
+        url = check_url(url)
+        try:
+            served = _client_for(url, "").info()["device"]["name"]
+        except DeepLSPError as exc:
+            served, why = None, str(exc)
+    out = []
+    for spec in DEVICES:
+        try:
+            if url and (served == spec.name or (served is None and spec.location == "agent")):
+                if served is None:
+                    raise DeepLSPError(why)
+                device = resolve_device(spec.name, url, config={})
+            else:
+                section = config.get("devices", {}).get(spec.name, {})
+                if not section.get("url") and spec.location == "agent" and not on_jetson():
+                    out.append(DeviceStatus(spec, "no agent URL (see --device-url)", None))
+                    continue
+                if not section.get("url") and missing_requirements(spec):
+                    needs = ", ".join(missing_requirements(spec))
+                    out.append(DeviceStatus(spec, f"needs {needs}", None))
+                    continue
+                device = resolve_device(spec.name, section.get("url"), config={})
+            fp = fingerprint(device)
+            out.append(DeviceStatus(device, "ready", fp))
+        except DeepLSPError as exc:
+            out.append(DeviceStatus(spec, str(exc), None))
+    return out
