@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from deeplsp.errors import DeepLSPError, first_line
 from devices.catalog import get_device
+from devices.nvidia import is_jetson as on_jetson
 from devices.spec import DeviceSpec
 
 try:
@@ -83,10 +84,6 @@ def check_url(url: str) -> str:
 
 def missing_requirements(device: DeviceSpec) -> list[str]:
     return [m for m in device.requires if find_spec(m) is None]
-
-
-def on_jetson() -> bool:
-    return Path("/etc/nv_tegra_release").exists()
 
 
 def resolve_device(name: str, url: str | None = None, config: dict | None = None) -> DeviceSpec:

@@ -33,7 +33,11 @@ def _version(dist: str) -> str | None:
 
 
 def fingerprint(device: DeviceSpec) -> dict:
-    """Hardware and runtime versions of a local device, plus a short stable id."""
+    """Hardware and runtime versions of a local device, plus a short stable id.
+
+    TensorRT devices add the GPU, TensorRT, JetPack and the power mode (all change
+    latency, so they key the caches); clocks are recorded too but left out of the id,
+    since they move from one reading to the next."""
     info: dict = {
         "device": device.name,
         "backend": device.backend,
@@ -45,5 +49,15 @@ def fingerprint(device: DeviceSpec) -> dict:
         "python": platform.python_version(),
         "runtime": {name: _version(name) for name in device.requires},
     }
+    clocks = None
+    if device.backend == "tensorrt":
+        from devices.nvidia import nvidia_info
+
+        nv = nvidia_info()
+        clocks = nv.pop("clocks")
+        info["runtime"]["tensorrt"] = nv.pop("tensorrt")
+        info.update(nv)
     info["id"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    if clocks is not None:
+        info["clocks"] = clocks
     return info

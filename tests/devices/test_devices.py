@@ -31,3 +31,33 @@ def test_fingerprint_id_changes_with_settings():
     cpu = get_device("cpu")
     assert fingerprint(cpu)["id"] != fingerprint(replace(cpu, threads=97))["id"]
     assert list(DEVICES)[0].name == "cpu"
+
+
+def test_tensorrt_fingerprint_has_the_gpu_stack_and_ignores_clocks_in_its_id(monkeypatch):
+    import devices.nvidia as nv
+
+    reading = {
+        "jetson": True,
+        "model": "NVIDIA Jetson AGX Orin Developer Kit",
+        "l4t": "36.3.0",
+        "jetpack": "6.0",
+        "power_mode": {"name": "MAXN", "id": 0},
+        "clocks": {"gpu_hz": 1_300_000_000},
+        "gpu": {"name": "Orin", "compute_capability": "8.7"},
+        "tensorrt": "10.3.0",
+    }
+    monkeypatch.setattr(nv, "nvidia_info", lambda: dict(reading))
+    orin = get_device("jetson-orin")
+    a = fingerprint(orin)
+    assert a["runtime"]["tensorrt"] == "10.3.0" and a["power_mode"]["name"] == "MAXN"
+    assert a["model"].startswith("NVIDIA Jetson AGX Orin") and a["clocks"]["gpu_hz"]
+    reading["clocks"] = {"gpu_hz": 600_000_000}  # clocks move between readings
+    assert fingerprint(orin)["id"] == a["id"]
+    reading["power_mode"] = {"name": "15W", "id": 1}  # a power mode changes latency
+    assert fingerprint(orin)["id"] != a["id"]
+    assert [d.name for d in DEVICES][1:] == [
+        "jetson-orin",
+        "jetson-orin-nx",
+        "jetson-orin-nano",
+        "gpu",
+    ]
