@@ -204,6 +204,35 @@ def cmd_devices(args: argparse.Namespace) -> None:
         print(json.dumps([st.fingerprint for st in statuses if st.fingerprint], indent=2))
 
 
+def cmd_regress(args: argparse.Namespace) -> int:
+    from deeplsp.regress import run_regress
+
+    device = _device(args)
+    report = run_regress(
+        args.suite,
+        device,
+        args.baseline,
+        update=args.update,
+        tolerance=args.tolerance,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(report.table())
+    if args.json:
+        from deeplsp.atomic import write_json
+
+        write_json(args.json, report.to_dict())
+    if report.updated:
+        print(f"recorded baseline {report.baseline_path} ({device.name})")
+        return 0
+    hw = "same hardware" if report.same_hardware else "baseline from other hardware"
+    print(f"tolerance {report.tolerance:.0%} ({hw}); reference {report.result.reference}")
+    if report.regressed:
+        names = ", ".join(v.name for v in report.regressed)
+        print(f"REGRESSION on {device.name}: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from deeplsp.pruner import PruneConfig, prune
 
@@ -467,6 +496,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.set_defaults(func=cmd_devices)
 
+    rg = sub.add_parser(
+        "regress", help="latency regression test: a suite of models against a baseline"
+    )
+    rg.add_argument("suite", type=Path, help="suite file (TOML; see deeplsp/regress.py)")
+    rg.add_argument("--device", default="cpu", choices=DEVICES.names())
+    rg.add_argument(
+        "--device-url",
+        metavar="URL",
+        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
+    )
+    rg.add_argument("--baseline", type=Path, help="default: baseline-DEVICE.json beside the suite")
+    rg.add_argument("--update", action="store_true", help="record the baseline instead")
+    rg.add_argument(
+        "--tolerance", type=_positive_float, help="allowed slow-down of a ratio (default: suite's)"
+    )
+    rg.add_argument("--json", type=Path, help="also write the full report here")
+    rg.set_defaults(func=cmd_regress)
+
     sub.add_parser("models", help="list models").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)
     return p
@@ -475,14 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
+        rc = args.func(args) or 0
     except DeepLSPError as exc:
         print(f"deeplsp: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("deeplsp: interrupted; no partial output was written", file=sys.stderr)
         return 130
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

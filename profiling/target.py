@@ -49,6 +49,13 @@ def _remote_info(url: str, device_name: str) -> dict:
     return info
 
 
+def served_device(url: str) -> str:
+    """The name of the device the agent at `url` serves."""
+    from devices.config import check_url
+
+    return _client_for(check_url(url), "").info()["device"]["name"]
+
+
 def fingerprint(device: DeviceSpec) -> dict:
     """Hardware, runtime and settings that latencies on `device` depend on, with an id."""
     if device.url is not None:
@@ -182,7 +189,7 @@ def device_statuses(url: str | None = None) -> list[DeviceStatus]:
     if url:
         url = check_url(url)
         try:
-            served = _client_for(url, "").info()["device"]["name"]
+            served = served_device(url)
         except DeepLSPError as exc:
             served, why = None, str(exc)
     out = []

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest_plugins = ["pytester"]
+
 
 def _capabilities() -> dict[str, str | None]:
     """marker -> None when available, else the reason to skip."""
