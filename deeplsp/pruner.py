@@ -558,6 +558,12 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         out / "model.onnx",
     )
     final_ms = final["latency"]["median"]
+    engine = None
+    if device.backend == "tensorrt":  # the engine is built on the device that runs it
+        engine = stages.run(
+            "engine", target.build_engine, device, out / "model.onnx", out / "model.engine"
+        )
+        log(f"TensorRT engine ({engine['precision']}) built on {device.name}: model.engine")
     if cfg.budget_ms is not None:
         verdict = "meets" if final_ms <= cfg.budget_ms else "MISSES (measurement noise?)"
         status += f"; delivered model measured {final_ms:.3f} ms, {verdict} the budget"
@@ -613,6 +619,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         "latency_table": {**table_stats, "new_rows": table_stats["rows"] - rows_before},
         "sensitivity_cached": sens_cached,
         "staircase": staircase,
+        "engine": engine,
         "seconds": stages.seconds,
         "files": {},
     }

@@ -106,6 +106,8 @@ def markdown(report: dict) -> str:
     cal = report["calibration"]
     lt = report["latency_table"]
     fp = report["fingerprint"]
+    url = report["device"].get("url")
+    via = f", measured through the agent at {url}" if url else ""
     lines += [
         "## Latency model",
         "",
@@ -114,9 +116,19 @@ def markdown(report: dict) -> str:
         f"{cal['scale']:.3f} x table {cal['offset']:+.3f} ms, fitted on {cal['points']} "
         "measured models.",
         "",
-        f"Device fingerprint {fp['id']}: {fp.get('cpu', '')}, {fp.get('cores', '')} threads, "
-        f"runtime {fp.get('runtime', {})}.",
+        f"Device fingerprint {fp['id']}: {device_summary(fp)}, runtime {fp.get('runtime', {})}"
+        f"{via}.",
         "",
+    ]
+    if report.get("engine"):
+        e = report["engine"]
+        lines += [
+            f"TensorRT engine `model.engine` ({e['precision']}, TensorRT {e['tensorrt_version']}, "
+            f"{e['gpu']}), built on the device in {e['build_seconds']:.1f} s; its metadata is "
+            "in `model.engine.json`.",
+            "",
+        ]
+    lines += [
         "## Time per stage",
         "",
         tabulate(
@@ -131,11 +143,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def device_summary(fp: dict) -> str:
+    """A fingerprint in a few words: the board or GPU and its power mode, else the CPU."""
+    if fp.get("gpu") or fp.get("model"):
+        gpu = (fp.get("gpu") or {}).get("name", "GPU")
+        mode = (fp.get("power_mode") or {}).get("name")
+        return ", ".join(str(x) for x in (fp.get("model"), gpu, mode and f"power mode {mode}") if x)
+    return f"{fp.get('cpu', '')}, {fp.get('cores', '')} threads"
+
+
 def write_report(out: Path, report: dict) -> None:
     out = Path(out)
     report["files"] = {
         "model": "pruned.pt",
         "onnx": "model.onnx",
+        **({"engine": "model.engine"} if report.get("engine") else {}),
         **_plots(out, report),
         "markdown": "report.md",
     }

@@ -249,3 +249,38 @@ def test_keep_ratio_places_channels_by_sensitivity_and_latency():
     zero = {g: dict.fromkeys(c, 0.0) for g, c in candidates.items()}
     keeps_z, _ = allocate_channels(groups, candidates, zero, 0.5, lat)
     assert sum(keeps_z.values()) == 8
+
+
+def test_tensorrt_device_through_an_agent_rounds_channels_and_delivers_its_engine(
+    tmp_path, tiny, fashionmnist_dir, monkeypatch
+):
+    """`--device jetson-orin --device-url ...`: channel counts in the Orin's multiples of
+    8, the engine built through the device (here a stand-in for the agent's build)."""
+    from profiling import target
+
+    fp = {"id": "orin-fp", "model": "NVIDIA Jetson AGX Orin", "gpu": {"name": "Orin"}}
+    monkeypatch.setattr(target, "fingerprint", lambda device: dict(fp))
+    built = []
+
+    def fake_build(device, onnx_path, engine_path, calibration=None):
+        assert device.url == "http://orin.test:8765" and onnx_path.is_file()
+        engine_path.write_bytes(b"engine")
+        built.append(device.name)
+        meta = {"precision": device.precision, "tensorrt_version": "10.3.0", "gpu": "Orin"}
+        return {**meta, "build_seconds": 1.0}
+
+    monkeypatch.setattr(target, "build_engine", fake_build)
+    cfg = _cfg(
+        tmp_path,
+        fashionmnist_dir,
+        keep_ratio=0.5,
+        finetune_epochs=0,
+        device="jetson-orin",
+        device_url="http://orin.test:8765",
+    )
+    r = prune(cfg, log=lambda s: None)
+    assert built == ["jetson-orin"] and (tmp_path / "run" / "model.engine").is_file()
+    assert r["files"]["engine"] == "model.engine" and r["engine"]["precision"] == "fp16"
+    assert all(g["keep"] % 8 == 0 for g in r["groups"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "through the agent at http://orin.test:8765" in md and "model.engine" in md
