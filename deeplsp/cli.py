@@ -111,6 +111,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from deeplsp.pipeline import export_checkpoint
 
     out = args.out or Path(args.checkpoint).with_suffix(".onnx")
+    if args.engine:  # fail on the device or its settings before the export work
+        from profiling.target import engine_config
+
+        args.device = args.device or "gpu"
+        device = _device(args)
+        config = engine_config(
+            device, precision=args.precision, workspace_mb=args.workspace_mb, sparse=args.sparse
+        )
     r = export_checkpoint(
         args.checkpoint,
         out,
@@ -128,6 +136,40 @@ def cmd_export(args: argparse.Namespace) -> None:
             ("size", f"{r.size_bytes / 1e6:.2f} MB"),
             ("max |torch - onnxruntime|", f"{r.max_abs_diff:.2e} (tolerance {r.atol:g})"),
         ]
+    )
+    if args.engine:
+        _export_engine(args, device, config, r.path)
+
+
+def _export_engine(args: argparse.Namespace, device, config, onnx_path: Path) -> None:
+    """Build the TensorRT engine beside the ONNX file, on the device that will run it."""
+    from profiling import target
+
+    calibration = None
+    if config.precision == "int8":
+        from deeplsp.checkpoint import load_checkpoint
+        from deeplsp.datasets import calibration_batches
+
+        dataset = args.dataset or load_checkpoint(args.checkpoint).dataset
+        if dataset is None:
+            raise DeepLSPError("int8 calibration needs images: give --dataset NAME")
+        batches = calibration_batches(
+            dataset, args.data_dir, n_batches=args.calibration_batches, batch_size=args.batch
+        )
+        calibration = [x.numpy() for x, _ in batches if len(x) == args.batch]
+    engine_path = onnx_path.with_suffix(".engine")
+    where = f"the agent at {device.url}" if device.url else "this machine"
+    print(f"building the {config.precision} TensorRT engine for {device.name} on {where}...")
+    meta = target.build_engine(device, onnx_path, engine_path, calibration, config)
+    _print_table(
+        [
+            ("engine", str(engine_path)),
+            ("metadata", f"{engine_path}.json"),
+            ("TensorRT / GPU", f"{meta['tensorrt_version']} / {meta['gpu']}"),
+            ("precision", meta["precision"] + (" (2:4 sparse)" if meta.get("sparse") else "")),
+            ("build time", f"{meta['build_seconds']:.1f} s"),
+        ]
+        + [("warning", w) for w in meta.get("warnings", [])]
     )
 
 
@@ -202,6 +244,48 @@ def cmd_devices(args: argparse.Namespace) -> None:
     _print_table(rows, headers)
     if args.json:
         print(json.dumps([st.fingerprint for st in statuses if st.fingerprint], indent=2))
+
+
+def cmd_agent_serve(args: argparse.Namespace) -> None:
+    from devices import resolve_device
+    from devices.config import detect_local_device
+    from profiling.agent import load_agent_token, serve  # fastapi: only for this command
+
+    token = load_agent_token(args.token_file)
+    name = args.device or detect_local_device()
+    device = resolve_device(name, config={})  # the agent's device is this machine
+    if device.url is not None:
+        raise DeepLSPError("unset DEEPLSP_DEVICE_URL: the agent measures its own device")
+    serve(
+        device,
+        args.host,
+        args.port,
+        token=token,
+        max_upload_bytes=args.max_upload_mb << 20,
+        max_queue=args.max_queue,
+        measure_timeout_s=args.job_timeout_s,
+    )
+
+
+def cmd_agent_token(args: argparse.Namespace) -> None:
+    from profiling.agent import generate_token
+
+    token = generate_token()
+    if args.out is None:
+        print(token)
+        return
+    import os
+
+    from deeplsp.atomic import atomic_path
+
+    if args.out.exists() and not args.force:
+        raise DeepLSPError(f"{args.out} exists; pass --force to replace the token")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out) as tmp:
+        tmp.touch(mode=0o600)
+        os.chmod(tmp, 0o600)  # before the token is in it
+        tmp.write_text(token + "\n")
+    print(f"wrote a new agent token to {args.out} (mode 600); copy it to the workstation")
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
@@ -383,6 +467,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--atol", type=_positive_float, default=1e-3, help="largest |torch - onnxruntime| accepted"
     )
+    e.add_argument(
+        "--engine",
+        action="store_true",
+        help="also build a TensorRT engine (F.engine + F.engine.json) on --device",
+    )
+    e.add_argument(
+        "--device",
+        choices=[d.name for d in DEVICES if d.backend == "tensorrt"],
+        help="--engine: the TensorRT device that will run it (default gpu)",
+    )
+    e.add_argument(
+        "--device-url",
+        metavar="URL",
+        help="--engine: build through the DeepLSP agent at URL (default: env, config)",
+    )
+    e.add_argument(
+        "--precision", choices=("fp32", "fp16", "int8"), help="default: the device's (fp16)"
+    )
+    e.add_argument("--workspace-mb", type=_positive_int, help="builder workspace (default 1024)")
+    e.add_argument("--sparse", action="store_true", help="use 2:4 sparse kernels where possible")
+    e.add_argument("--dataset", choices=DATASETS.names(), help="int8: calibrate on this dataset")
+    e.add_argument("--data-dir", type=Path, help="int8: where the dataset lies")
+    e.add_argument(
+        "--calibration-batches", type=_positive_int, default=16, help="int8: batches to calibrate"
+    )
     e.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("profile", help="measure an ONNX model's latency on a device")
@@ -513,6 +622,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rg.add_argument("--json", type=Path, help="also write the full report here")
     rg.set_defaults(func=cmd_regress)
+
+    ag = sub.add_parser("agent", help="the on-device profiling agent (run it on the Jetson)")
+    agsub = ag.add_subparsers(dest="agent_command", required=True, parser_class=_Parser)
+    sv = agsub.add_parser(
+        "serve",
+        help="serve this machine's device over HTTP; token from $DEEPLSP_AGENT_TOKEN or "
+        "--token-file, never the command line",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--port", type=_positive_int, default=8765)
+    sv.add_argument("--device", choices=DEVICES.names(), help="device to serve (default: detected)")
+    sv.add_argument("--token-file", type=Path, help="file holding the token (chmod 600)")
+    sv.add_argument("--max-upload-mb", type=_positive_int, default=512)
+    sv.add_argument("--max-queue", type=_positive_int, default=8, help="jobs waiting at most")
+    sv.add_argument("--job-timeout-s", type=_positive_float, default=900, help="limit of one job")
+    sv.set_defaults(func=cmd_agent_serve)
+    tk = agsub.add_parser("token", help="make a new random agent token")
+    tk.add_argument("--out", type=Path, help="write it to this file (mode 600), else print it")
+    tk.add_argument("--force", action="store_true", help="replace an existing token file")
+    tk.set_defaults(func=cmd_agent_token)
 
     sub.add_parser("models", help="list models").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)

@@ -123,3 +123,28 @@ def agent_token(device_name: str, config: dict | None = None) -> str | None:
         return path.read_text().strip()
     except OSError as exc:
         raise DeepLSPError(f"cannot read the agent token file {path}: {first_line(exc)}") from exc
+
+
+def jetson_device_name(model: str) -> str | None:
+    """Our device name for a Jetson board's device-tree model string, None if not an Orin."""
+    m = model.lower()
+    if "orin" not in m:
+        return None
+    if "nano" in m:
+        return "jetson-orin-nano"
+    if " nx" in m or "orin-nx" in m:
+        return "jetson-orin-nx"
+    return "jetson-orin"
+
+
+def detect_local_device() -> str:
+    """The device this machine is (what `deeplsp agent serve` serves by default): its
+    Jetson Orin model, else `gpu` where TensorRT and a GPU are, else `cpu`."""
+    from devices.nvidia import read_gpu, read_jetson_model
+
+    model = read_jetson_model() if on_jetson() else None
+    if model and jetson_device_name(model):
+        return jetson_device_name(model)
+    if not missing_requirements(get_device("gpu")) and read_gpu() is not None:
+        return "gpu"
+    return "cpu"

@@ -9,23 +9,7 @@ from deeplsp.errors import DeepLSPError
 from devices import DeviceSpec
 from profiling import target
 from profiling.counting import count_onnx
-
-
-def onnx_input_shapes(path: str | Path) -> dict[str, list[int]]:
-    """Input name -> shape of an ONNX file, read without loading its weights."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-
-    def dims(value):
-        return value.type.tensor_type.shape.dim
-
-    weights = {init.name for init in graph.initializer}
-    return {
-        i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in dims(i)]
-        for i in graph.input
-        if i.name not in weights
-    }
+from profiling.onnx_inputs import onnx_input_specs
 
 
 def profile_onnx(path: str | Path, device: DeviceSpec, warmup: int = 20, iters: int = 100) -> dict:
@@ -44,7 +28,7 @@ def profile_onnx(path: str | Path, device: DeviceSpec, warmup: int = 20, iters: 
         cost = None
     else:
         stats = target.measure(device, path, warmup, iters, repeats=1)
-        shapes = onnx_input_shapes(path)
+        shapes = {k: list(shape) for k, (shape, _) in onnx_input_specs(path).items()}
         cost = count_onnx(path).to_dict()
     return {
         "model": str(path),

@@ -63,17 +63,21 @@ def fingerprint(device: DeviceSpec) -> dict:
     return local_fingerprint(device)
 
 
-def engine_config(device: DeviceSpec):
-    """The TensorRT build settings of a TensorRT device (its precision, a shared timing
-    cache so rebuilding similar candidates is quick)."""
+def engine_config(device: DeviceSpec, **overrides):
+    """The TensorRT build settings of a TensorRT device: its precision and a timing cache
+    shared by its builds (so rebuilding similar candidates is quick), with `overrides`
+    (precision, workspace_mb, sparse, ...) on top."""
     from export.tensorrt_export import EngineConfig
 
     if device.backend != "tensorrt":
         raise DeepLSPError(
-            f"device {device.name!r} runs {device.backend} and has no TensorRT engines"
+            f"device {device.name!r} runs {device.backend} and has no TensorRT engines; "
+            "use a TensorRT device (gpu, jetson-orin, jetson-orin-nx, jetson-orin-nano)"
         )
     cache = Path.home() / ".cache" / "deeplsp" / f"timing-{device.name}.cache"
-    return EngineConfig(precision=device.precision, timing_cache=cache)
+    settings = {"precision": device.precision, "timing_cache": cache}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return EngineConfig(**settings)
 
 
 def measure_many(
@@ -126,15 +130,15 @@ def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
     calibration: Sequence[np.ndarray] | None = None,
+    config=None,
 ) -> dict:
     """Build the device's TensorRT engine for an ONNX file (on the device itself when it
-    is remote); writes `engine_path` and its metadata JSON, returns the metadata."""
-    config = engine_config(device)
+    is remote); writes `engine_path` and its metadata JSON, returns the metadata.
+    `config` (an EngineConfig) defaults to the device's `engine_config`."""
+    config = config or engine_config(device)
     if device.url is not None:
         _remote_info(device.url, device.name)
-        if calibration is not None:
-            raise DeepLSPError("int8 calibration through an agent is not supported yet")
-        return client(device).build_engine(Path(onnx_path), Path(engine_path))
+        return client(device).build_engine(Path(onnx_path), Path(engine_path), config, calibration)
     from export.tensorrt_export import build_engine as build_local
 
     return build_local(Path(onnx_path), Path(engine_path), config, calibration)

@@ -78,3 +78,26 @@ def test_unreadable_token_file_is_a_clear_error(tmp_path):
     _write_config(tmp_path, f'[devices.cpu]\ntoken_file = "{tmp_path / "missing"}"\n')
     with pytest.raises(DeepLSPError, match="cannot read the agent token file"):
         agent_token("cpu")
+
+
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        ("NVIDIA Jetson AGX Orin Developer Kit", "jetson-orin"),
+        ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", "jetson-orin-nx"),
+        ("NVIDIA Jetson Orin Nano Developer Kit", "jetson-orin-nano"),
+        ("NVIDIA Jetson Xavier NX Developer Kit", None),
+    ],
+)
+def test_jetson_board_names_map_to_devices(model, name):
+    assert cfgmod.jetson_device_name(model) == name
+
+
+def test_detect_local_device_here_is_cpu_without_tensorrt(monkeypatch):
+    import devices.nvidia as nv
+
+    monkeypatch.setattr(cfgmod, "missing_requirements", lambda d: ["tensorrt"])
+    assert cfgmod.detect_local_device() == "cpu"
+    monkeypatch.setattr(cfgmod, "on_jetson", lambda: True)
+    monkeypatch.setattr(nv, "read_jetson_model", lambda: "NVIDIA Jetson Orin Nano Developer Kit")
+    assert cfgmod.detect_local_device() == "jetson-orin-nano"
