@@ -289,8 +289,8 @@ def measure_model(
 ) -> dict:
     """Export (verified) and measure on the device; the ONNX file is kept only at `path`."""
     with tempfile.TemporaryDirectory() as tmp:
-        target = path or Path(tmp) / "candidate.onnx"
-        result = export_onnx(model, shape, target)
+        onnx_path = path or Path(tmp) / "candidate.onnx"
+        result = export_onnx(model, shape, onnx_path)
         stats = target.measure(device, result.path, warmup, iters, REPEATS)
     return {"latency": stats.to_dict(), "export": result.to_dict()}
 
@@ -676,10 +676,10 @@ def allocate_channels(
 
 def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, history, log):
     """Allocate against the calibrated table, measure the exported candidate, correct."""
-    target = (1 - cfg.guard) * cfg.budget_ms
+    goal_ms = (1 - cfg.guard) * cfg.budget_ms
     best: Candidate | None = None
     for it in range(cfg.max_iterations):
-        table_budget = (target - calib.offset) / calib.scale
+        table_budget = (goal_ms - calib.offset) / calib.scale
         try:
             keeps, cost = allocate_coupled(lat, candidates, sens, table_budget)
         except InfeasibleBudget:
@@ -696,9 +696,9 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
             f"iteration {it + 1}: predicted {cand.predicted_ms:.3f} ms, measured {ms:.3f} ms "
             f"(budget {cfg.budget_ms:g} ms)"
         )
-        if ms <= target and (best is None or cost < best.cost):
+        if ms <= goal_ms and (best is None or cost < best.cost):
             best = cand
-        if ms <= target and ms >= cfg.lower_slack * cfg.budget_ms:
+        if ms <= goal_ms and ms >= cfg.lower_slack * cfg.budget_ms:
             break
         # Refit on every measured model, then anchor the line at this candidate: the
         # relation is not linear over the whole range, and the next candidate lies
@@ -708,14 +708,14 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
     if best is None:
         closest = min(c.measured["latency"]["median"] for c in history)
         raise DeepLSPError(
-            f"no candidate measured within {target:.3f} ms (budget {cfg.budget_ms:g} ms less a "
+            f"no candidate measured within {goal_ms:.3f} ms (budget {cfg.budget_ms:g} ms less a "
             f"{cfg.guard:.0%} noise guard) in {cfg.max_iterations} iterations (closest "
             f"{closest:.3f} ms on {device.name}); raise the budget or --max-iterations"
         )
     ms = best.measured["latency"]["median"]
     return (
         best,
-        f"search: measured {ms:.3f} ms <= {target:.3f} ms (budget {cfg.budget_ms:g} ms less a "
+        f"search: measured {ms:.3f} ms <= {goal_ms:.3f} ms (budget {cfg.budget_ms:g} ms less a "
         f"{cfg.guard:.0%} noise guard) after {len(history)} iteration(s)",
     )
 

@@ -19,7 +19,9 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["train", "export", "profile", "devices", "models", "datasets"])
+@pytest.mark.parametrize(
+    "command", ["train", "export", "profile", "devices", "models", "datasets", "regress", "agent"]
+)
 def test_help_for_every_command(capsys, command):
     code, out, _ = _run(capsys, command, "--help")
     assert code == 0 and "usage: deeplsp " + command in out
@@ -60,6 +62,44 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--device", "gpu",
+         "--budget-ms", "5"],
+        ["profile", "m.onnx", "--device", "gpu"],
+        ["export", "c.pt", "--engine"],
+    ],
+)  # fmt: skip
+def test_tensorrt_devices_without_tensorrt_say_what_to_install(capsys, monkeypatch, argv):
+    import devices.config as cfgmod
+
+    monkeypatch.setattr(cfgmod, "missing_requirements", lambda d: list(d.requires))
+    monkeypatch.delenv("DEEPLSP_DEVICE_URL", raising=False)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "needs tensorrt and pycuda (not installed): pip install 'deeplsp[tensorrt]'" in err
+    code, out, _ = _run(capsys, "devices")  # the rest of the CLI is unaffected
+    assert code == 0 and "needs tensorrt, pycuda" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["profile", "m.onnx", "--device", "jetson-orin"], "reached through its agent"),
+        (["profile", "m.onnx", "--device-url", "orin:8765"], "not an http(s) URL"),
+        (["agent", "serve"], "the agent needs a token"),
+        (["regress", "none.toml"], "cannot read suite"),
+    ],
+)
+def test_device_and_agent_errors_are_one_line_exit_2(capsys, monkeypatch, argv, needle):
+    monkeypatch.delenv("DEEPLSP_DEVICE_URL", raising=False)
+    monkeypatch.delenv("DEEPLSP_AGENT_TOKEN", raising=False)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert needle in err
 
 
 def test_missing_files_and_data_are_one_line_exit_2(capsys, tmp_path):
