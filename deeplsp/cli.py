@@ -420,6 +420,14 @@ def _print_table(rows: Sequence[Sequence], headers: Sequence[str] = ()) -> None:
 
 
 # -- parser ------------------------------------------------------------------
+def _add_device_url(p: argparse.ArgumentParser, what: str = "measure") -> None:
+    p.add_argument(
+        "--device-url",
+        metavar="URL",
+        help=f"{what} through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Names come from the registries; importing them costs a torch import, paid
     # only when a command that takes a model or dataset is parsed.
@@ -477,11 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[d.name for d in DEVICES if d.backend == "tensorrt"],
         help="--engine: the TensorRT device that will run it (default gpu)",
     )
-    e.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="--engine: build through the DeepLSP agent at URL (default: env, config)",
-    )
+    _add_device_url(e, "--engine: build")
     e.add_argument(
         "--precision", choices=("fp32", "fp16", "int8"), help="default: the device's (fp16)"
     )
@@ -497,11 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure an ONNX model's latency on a device")
     pr.add_argument("model", type=Path, help="ONNX file")
     pr.add_argument("--device", default="cpu", choices=DEVICES.names())
-    pr.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
-    )
+    _add_device_url(pr)
     pr.add_argument("--warmup", type=_non_negative_int, default=20)
     pr.add_argument("--iters", type=_positive_int, default=100)
     pr.add_argument("--threads", type=_positive_int, help="override the device's thread count")
@@ -513,11 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--dataset", required=True, choices=DATASETS.names())
     pn.add_argument("--checkpoint", type=Path, help="dense checkpoint (default: train one first)")
     pn.add_argument("--device", default="cpu", choices=DEVICES.names())
-    pn.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
-    )
+    _add_device_url(pn)
     target = pn.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget-ms", type=_positive_float, help="latency budget on the device")
     target.add_argument(
@@ -568,11 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("datasets", nargs="+", choices=DATASETS.names(), metavar="DATASET")
     cp.add_argument("--pruners", help="comma-separated pruner names (default: all eleven)")
     cp.add_argument("--device", default="cpu", choices=DEVICES.names())
-    cp.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
-    )
+    _add_device_url(cp)
     cp.add_argument("--out", type=Path, help="output folder (default runs/compare-MODEL)")
     cp.add_argument("--quick", action="store_true", help="tiny subsets, one epoch per method")
     dl = cp.add_mutually_exclusive_group()
@@ -598,11 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("devices", help="list target devices and whether they are ready")
     d.add_argument("--json", action="store_true", help="print full fingerprints as JSON")
-    d.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
-    )
+    _add_device_url(d)
     d.set_defaults(func=cmd_devices)
 
     rg = sub.add_parser(
@@ -610,11 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rg.add_argument("suite", type=Path, help="suite file (TOML; see deeplsp/regress.py)")
     rg.add_argument("--device", default="cpu", choices=DEVICES.names())
-    rg.add_argument(
-        "--device-url",
-        metavar="URL",
-        help="measure through the DeepLSP agent at URL (default: $DEEPLSP_DEVICE_URL, config)",
-    )
+    _add_device_url(rg)
     rg.add_argument("--baseline", type=Path, help="default: baseline-DEVICE.json beside the suite")
     rg.add_argument("--update", action="store_true", help="record the baseline instead")
     rg.add_argument(

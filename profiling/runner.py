@@ -112,8 +112,10 @@ class Runner(ABC):
         feed = inputs if inputs is not None else self.random_inputs()
         for _ in range(warmup):
             self._infer_impl(feed)
-        samples = self._timed_runs_impl(feed, iters)
-        return LatencyStats.from_samples(samples, warmup, settings=self.settings())
+        samples, copies = self._timed_runs_impl(feed, iters)
+        return LatencyStats.from_samples(
+            samples, warmup, copy_samples_ms=copies, settings=self.settings()
+        )
 
     def settings(self) -> dict:
         """Runtime settings that affect latency (threads, precision), recorded with it."""
@@ -132,14 +134,17 @@ class Runner(ABC):
     @abstractmethod
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def _timed_runs_impl(self, feed: dict[str, np.ndarray], iters: int) -> list[float]:
-        """Host-clock timing; GPU runners override this with device events."""
+    def _timed_runs_impl(
+        self, feed: dict[str, np.ndarray], iters: int
+    ) -> tuple[list[float], list[float] | None]:
+        """Compute times in ms, and host<->device copy times where copies are timed apart
+        (None here). Host-clock timing; GPU runners override this with device events."""
         samples = []
         for _ in range(iters):
             t0 = time.perf_counter()
             self._infer_impl(feed)
             samples.append((time.perf_counter() - t0) * 1e3)
-        return samples
+        return samples, None
 
     def _require_active(self) -> None:
         if not self.is_active:

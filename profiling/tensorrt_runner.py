@@ -188,7 +188,9 @@ class TensorRTRunner(Runner):
         self._stream.synchronize()
         return {n: host.copy() for n, (host, _) in self._outputs.items()}
 
-    def _timed_split(self, feed: dict[str, np.ndarray], iters: int) -> tuple[list, list]:
+    def _timed_runs_impl(
+        self, feed: dict[str, np.ndarray], iters: int
+    ) -> tuple[list[float], list[float]]:
         """Per run: compute ms (events around execute_async_v3) and copy ms (H2D + D2H)."""
         self._stage(feed)
         start, before_exec, after_exec, end = (self._cuda.Event() for _ in range(4))
@@ -205,24 +207,6 @@ class TensorRTRunner(Runner):
             compute.append(before_exec.time_till(after_exec))
             copies.append(start.time_till(before_exec) + after_exec.time_till(end))
         return compute, copies
-
-    def _timed_runs_impl(self, feed: dict[str, np.ndarray], iters: int) -> list[float]:
-        return self._timed_split(feed, iters)[0]
-
-    def measure(
-        self, inputs: dict[str, np.ndarray] | None = None, warmup: int = 10, iters: int = 50
-    ) -> LatencyStats:
-        """Compute latency from CUDA events, with the copies' median in `copy_median`."""
-        if warmup < 0 or iters < 1:
-            raise DeepLSPError(f"warmup must be >= 0 and iters >= 1 (got {warmup}, {iters})")
-        self._require_active()
-        feed = inputs if inputs is not None else self.random_inputs()
-        for _ in range(warmup):
-            self._infer_impl(feed)
-        compute, copies = self._timed_split(feed, iters)
-        return LatencyStats.from_samples(
-            compute, warmup, copy_samples_ms=copies, settings=self.settings()
-        )
 
     def settings(self) -> dict:
         trt = self._trt or require_tensorrt()
