@@ -96,7 +96,7 @@ def agent_cost(suite, device, workdir, runs: int) -> dict:
     env = {**os.environ, "DEEPLSP_AGENT_TOKEN": token}
     env.pop("DEEPLSP_DEVICE_URL", None)
     cmd = [sys.executable, "-m", "deeplsp", "agent", "serve", "--device", "cpu",
-           "--port", str(port)]  # fmt: skip
+           "--port", str(port), "--threads", str(device.threads)]  # fmt: skip
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ["DEEPLSP_AGENT_TOKEN"] = token
     try:
@@ -110,7 +110,7 @@ def agent_cost(suite, device, workdir, runs: int) -> dict:
             except Exception:
                 if time.monotonic() > deadline:
                     raise
-                target._remote_info.cache_clear()
+                target._remote_info.cache_clear()  # it was not up yet
                 time.sleep(0.5)
         ratios = {p.stem: [] for p in files}
         walls = []

@@ -256,6 +256,10 @@ def cmd_agent_serve(args: argparse.Namespace) -> None:
     device = resolve_device(name, config={})  # the agent's device is this machine
     if device.url is not None:
         raise DeepLSPError("unset DEEPLSP_DEVICE_URL: the agent measures its own device")
+    if args.threads is not None:
+        from dataclasses import replace
+
+        device = replace(device, threads=args.threads)
     serve(
         device,
         args.host,
@@ -618,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_positive_int, default=8765)
     sv.add_argument("--device", choices=DEVICES.names(), help="device to serve (default: detected)")
     sv.add_argument("--token-file", type=Path, help="file holding the token (chmod 600)")
+    sv.add_argument(
+        "--threads", type=_positive_int, help="ONNX Runtime threads of the cpu device"
+    )
     sv.add_argument("--max-upload-mb", type=_positive_int, default=512)
     sv.add_argument("--max-queue", type=_positive_int, default=8, help="jobs waiting at most")
     sv.add_argument("--job-timeout-s", type=_positive_float, default=900, help="limit of one job")

@@ -284,6 +284,7 @@ class RegressReport:
     tolerance: float | None = None
     same_hardware: bool | None = None
     verdicts: list[Verdict] = field(default_factory=list)
+    confirmation: SuiteResult | None = None  # the second run, when the first regressed
 
     @property
     def regressed(self) -> list[Verdict]:
@@ -321,6 +322,7 @@ class RegressReport:
             "same_hardware": self.same_hardware,
             "verdicts": [asdict(v) for v in self.verdicts],
             "regressed": [v.name for v in self.regressed],
+            "confirmation": asdict(self.confirmation) if self.confirmation else None,
         }
 
 
@@ -345,11 +347,19 @@ def run_regress(
             f"no baseline {baseline_path} for device {device.name!r}; record one on the "
             f"device with `deeplsp regress {suite.path} --device {device.name} --update`"
         )
-    if workdir is None:  # exported afresh: the exporter and pruner are under test too
-        with tempfile.TemporaryDirectory(prefix="deeplsp-regress-") as tmp:
-            result = measure_suite(suite, device, Path(tmp), measure_many, fingerprint, log)
-    else:
-        result = measure_suite(suite, device, Path(workdir), measure_many, fingerprint, log)
+    with tempfile.TemporaryDirectory(prefix="deeplsp-regress-") as tmp:
+        # exported afresh by default: the exporter and the pruner are under test too
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        report = _measure_and_compare(
+            suite, device, baseline_path, folder, update, tolerance, measure_many, fingerprint, log
+        )
+    return report
+
+
+def _measure_and_compare(
+    suite, device, baseline_path, workdir, update, tolerance, measure_many, fingerprint, log
+) -> RegressReport:
+    result = measure_suite(suite, device, workdir, measure_many, fingerprint, log)
     if update:
         write_json(baseline_path, baseline_of(result))
         report = RegressReport(result, baseline_path, updated=True)
@@ -365,6 +375,29 @@ def run_regress(
     same = baseline.get("fingerprint", {}).get("id") == result.fingerprint.get("id")
     if tolerance is None:
         tolerance = suite.tolerance if same else suite.foreign_tolerance
-    report = RegressReport(result, baseline_path, False, tolerance, same)
-    report.verdicts = compare(result, baseline, tolerance)
+    verdicts = compare(result, baseline, tolerance)
+    confirmation = None
+    if any(v.status == "REGRESSED" for v in verdicts):
+        # A slow-down must show twice: on this kind of machine one whole run now and then
+        # measures 15-30% off (bench/results/latency_regress.md), a real regression never
+        # goes away. The run that is kinder to each model decides.
+        log("a ratio is beyond the tolerance; measuring the suite again to confirm")
+        confirmation = measure_suite(suite, device, workdir, measure_many, fingerprint, log)
+        result = kinder_of(result, confirmation)
+        verdicts = compare(result, baseline, tolerance)
+    report = RegressReport(result, baseline_path, False, tolerance, same, verdicts)
+    report.confirmation = confirmation
     return report
+
+
+def kinder_of(first: SuiteResult, second: SuiteResult) -> SuiteResult:
+    """Per model, the run with the lower ratio (both runs' rounds kept)."""
+    merged = SuiteResult(
+        first.device, first.fingerprint, first.reference, first.rounds,
+        seconds=first.seconds + second.seconds,
+    )  # fmt: skip
+    for name, a in first.models.items():
+        b = second.models[name]
+        merged.models[name] = dict(min(a, b, key=lambda r: r["ratio"]))
+        merged.models[name]["runs"] = [a["ratio"], b["ratio"]]
+    return merged

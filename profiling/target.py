@@ -49,6 +49,26 @@ def _remote_info(url: str, device_name: str) -> dict:
     return info
 
 
+def _agent_info(device: DeviceSpec) -> dict:
+    """The agent's info, once it is known to serve `device` with the same settings: a
+    latency measured with other settings than the ones asked for would be a wrong answer."""
+    info = _remote_info(device.url, device.name)
+    served = info["device"]
+    wrong = [
+        f"{k} {served[k]!r} (asked {getattr(device, k)!r})"
+        for k in ("backend", "precision", "batch", "channel_multiple")
+        if served[k] != getattr(device, k)
+    ]
+    cores = info["fingerprint"].get("cores")
+    if device.threads is not None and cores != device.threads:
+        wrong.append(f"{cores} threads (asked {device.threads}; start it with --threads)")
+    if wrong:
+        raise DeepLSPError(
+            f"the agent at {device.url} measures {device.name} with {', '.join(wrong)}"
+        )
+    return info
+
+
 def served_device(url: str) -> str:
     """The name of the device the agent at `url` serves."""
     from devices.config import check_url
@@ -59,7 +79,7 @@ def served_device(url: str) -> str:
 def fingerprint(device: DeviceSpec) -> dict:
     """Hardware, runtime and settings that latencies on `device` depend on, with an id."""
     if device.url is not None:
-        return dict(_remote_info(device.url, device.name)["fingerprint"])
+        return dict(_agent_info(device)["fingerprint"])
     return local_fingerprint(device)
 
 
@@ -85,7 +105,7 @@ def measure_many(
 ) -> Iterator[LatencyStats]:
     """Each ONNX file's latency on the device, in order, as soon as it is measured."""
     if device.url is not None:
-        _remote_info(device.url, device.name)
+        _agent_info(device)
         for path in paths:
             yield client(device).profile(Path(path), warmup, iters, repeats)
     elif device.backend == "onnxruntime":
@@ -114,7 +134,7 @@ def measure_engine(
     """A TensorRT engine file's latency (engines only run where they were built)."""
     engine_config(device)  # the error for non-TensorRT devices
     if device.url is not None:
-        _remote_info(device.url, device.name)
+        _agent_info(device)
         return client(device).profile(Path(engine_path), warmup, iters, repeats, kind="engine")
     from profiling.tensorrt_runner import TensorRTRunner
 
@@ -137,7 +157,7 @@ def build_engine(
     `config` (an EngineConfig) defaults to the device's `engine_config`."""
     config = config or engine_config(device)
     if device.url is not None:
-        _remote_info(device.url, device.name)
+        _agent_info(device)
         return client(device).build_engine(Path(onnx_path), Path(engine_path), config, calibration)
     from export.tensorrt_export import build_engine as build_local
 
@@ -150,7 +170,7 @@ def infer(
     """Run an ONNX file (or, on TensorRT devices, an engine) once on the device."""
     path = Path(path)
     if device.url is not None:
-        _remote_info(device.url, device.name)
+        _agent_info(device)
         return client(device).infer(path, inputs)
     if device.backend == "onnxruntime":
         from profiling.onnxruntime_runner import OnnxRuntimeRunner

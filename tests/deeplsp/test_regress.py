@@ -181,3 +181,27 @@ def test_pytest_plugin_fails_on_regression_and_skips_without_baseline(pytester, 
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*latency regression on cpu*: a*"])
+
+
+def test_a_slow_down_must_show_twice(tmp_path):
+    """One unlucky run (every round of it slow for one model) is re-measured and
+    forgiven; a slow-down that stays is a regression."""
+    _run(tmp_path, FakeDevice({"ref": 10.0, "a": 5.0, "b": 2.0}), update=True)
+
+    class Burst(FakeDevice):
+        def __call__(self, device, paths, warmup, iters):
+            first_run = len(self.calls) < 7  # 7 rounds (one call each) per run
+            self.cost["a"] = 7.0 if first_run else 5.1
+            return super().__call__(device, paths, warmup, iters)
+
+    burst = Burst({"ref": 10.0, "a": 5.0, "b": 2.0})
+    r = _run(tmp_path, burst)
+    assert len(burst.calls) == 14 and r.confirmation is not None and not r.regressed
+    a = next(v for v in r.verdicts if v.name == "a")
+    assert a.ratio == pytest.approx(0.51) and r.result.models["a"]["runs"] == pytest.approx(
+        [0.7, 0.51]
+    )
+    steady = FakeDevice({"ref": 10.0, "a": 7.0, "b": 2.0})
+    r = _run(tmp_path, steady)
+    assert len(steady.calls) == 14 and [v.name for v in r.regressed] == ["a"]
+    assert r.to_dict()["confirmation"]["models"]["a"]["ratio"] == pytest.approx(0.7)

@@ -322,3 +322,20 @@ def test_input_specs_need_fixed_shapes(tmp_path, model):
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     with pytest.raises(DeepLSPError, match="cannot read ONNX file"):
         onnx_input_specs(tmp_path / "junk.onnx")
+
+
+def test_target_refuses_an_agent_measuring_with_other_settings(agent, model, monkeypatch):
+    """A remote device asked for other settings than the agent measures with would get
+    latencies of the wrong configuration: a clear error instead."""
+    from dataclasses import replace
+
+    from devices import resolve_device
+
+    monkeypatch.setenv("DEEPLSP_AGENT_TOKEN", TOKEN)
+    remote = resolve_device("cpu", agent.url, config={})
+    cores = target.fingerprint(remote)["cores"]
+    assert target.measure(replace(remote, threads=cores), model, 1, 3, repeats=1).n == 3
+    with pytest.raises(DeepLSPError, match=f"{cores} threads \\(asked {cores + 1}; start it"):
+        target.measure(replace(remote, threads=cores + 1), model, 1, 3, repeats=1)
+    with pytest.raises(DeepLSPError, match="serves device 'cpu', not 'gpu'"):
+        target.fingerprint(replace(resolve_device("cpu", agent.url, config={}), name="gpu"))
