@@ -3,10 +3,11 @@ measuring through the agent costs.
 
 1. Stability: DeepLSP's own suite (tests/regression/suite.toml) measured `--runs` times
    in each of three ways, alternating: the suite's way (ratio to the reference of the
-   same round, one process per round, median over rounds), ratios with every round in
-   one process, and plain absolute medians. For each model: the spread of the run
-   figures (max / min - 1) and the largest deviation of a run from the median run, which
-   is the tolerance a suite needs so that an unchanged model never fails.
+   same round, every round interleaved in one process, median over rounds), the same
+   ratios with a fresh process per round, and plain absolute medians. For each model:
+   the spread of the run figures (max / min - 1) and the largest deviation of a run from
+   the median run, which is the tolerance a suite needs so that an unchanged model never
+   fails.
 2. The agent: the suite's models measured locally and through a `deeplsp agent serve`
    on 127.0.0.1 (a real process, the `cpu` device), alternating, `--runs` times:
    the median ratio remote / local (same ONNX Runtime in a child process on both sides,
@@ -42,16 +43,19 @@ RESULTS = Path(__file__).parent / "results"
 SUITE = ROOT / "tests" / "regression" / "suite.toml"
 
 
-def one_process(device, paths, warmup, iters, rounds):
-    """Every round's measurements in a single call (one child process on the cpu)."""
-    order = [p for r in range(rounds) for p in paths[r % len(paths) :] + paths[: r % len(paths)]]
-    return list(zip(order, target.measure_many(device, order, warmup, iters), strict=True))
+def process_per_round(device, paths, warmup, iters, rounds):
+    """Each round's measurements in a call of its own (a fresh process on the cpu)."""
+    out = []
+    for r in range(rounds):
+        order = paths[r % len(paths) :] + paths[: r % len(paths)]
+        out += list(zip(order, target.measure_many(device, order, warmup, iters), strict=True))
+    return out
 
 
 def stability(suite, device, workdir, runs: int) -> dict:
     files = {m.name: export_model(m, suite, device, workdir) for m in suite.models}
     figures: dict[str, dict[str, list[float]]] = {
-        way: {n: [] for n in files} for way in ("suite", "one_process", "absolute")
+        way: {n: [] for n in files} for way in ("suite", "process_per_round", "absolute")
     }
     fp = target.fingerprint(device)
     for run in range(runs):
@@ -59,8 +63,8 @@ def stability(suite, device, workdir, runs: int) -> dict:
         for n, r in res.models.items():
             figures["suite"][n].append(r["ratio"])
             figures["absolute"][n].append(r["latency_ms"])
-        measured = one_process(device, list(files.values()), suite.warmup, suite.iters,
-                               suite.rounds)  # fmt: skip
+        measured = process_per_round(device, list(files.values()), suite.warmup, suite.iters,
+                                     suite.rounds)  # fmt: skip
         per_round: dict[str, list[float]] = {n: [] for n in files}
         by_path = {v: k for k, v in files.items()}
         for path, stats in measured:
@@ -68,7 +72,7 @@ def stability(suite, device, workdir, runs: int) -> dict:
         ref = per_round[suite.reference]
         for n, times in per_round.items():
             ratios = [t / rt for t, rt in zip(times, ref, strict=True)]
-            figures["one_process"][n].append(statistics.median(ratios))
+            figures["process_per_round"][n].append(statistics.median(ratios))
         print(f"run {run + 1}/{runs}", flush=True)
     out = {}
     for way, per_model in figures.items():
@@ -153,15 +157,15 @@ def main() -> None:
             (
                 n,
                 f"{stab['suite'][n]['max_deviation']:.1%}",
-                f"{stab['one_process'][n]['max_deviation']:.1%}",
+                f"{stab['process_per_round'][n]['max_deviation']:.1%}",
                 f"{stab['absolute'][n]['max_deviation']:.1%}",
             )
             for n in stab["suite"]
         ],
         headers=(
             "model",
-            "suite: ratio, process per round",
-            "ratio, one process",
+            "suite: ratio, one process",
+            "ratio, process per round",
             "absolute median",
         ),
         tablefmt="github",
@@ -174,7 +178,7 @@ def main() -> None:
     fp = result["fingerprint"]
     md = f"""# Latency regression suite: stability and agent cost
 
-`{result['suite']}` on `cpu` ({fp.get('cpu')}, {fp.get('cores')} thread(s)), {args.runs} runs
+`{result["suite"]}` on `cpu` ({fp.get("cpu")}, {fp.get("cores")} thread(s)), {args.runs} runs
 of each way, alternating. Largest deviation of one run's figure from the median run
 (the tolerance an unchanged model needs never to fail):
 
@@ -185,7 +189,7 @@ same ONNX Runtime child process on both sides):
 
 {agent_rows}
 
-Median wall time of one profile request through the agent: {agent['request_wall_s_median']:.2f} s.
+Median wall time of one profile request through the agent: {agent["request_wall_s_median"]:.2f} s.
 """
     write_text(RESULTS / "latency_regress.md", md)
     print(md)

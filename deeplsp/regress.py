@@ -11,7 +11,7 @@ both sides of a ratio alike, so it cancels where absolute medians would drift.
 A suite is a TOML file:
 
     reference = "resnet18"          # the model every ratio is taken against
-    rounds = 7                      # interleaved rounds, each its own process (median)
+    rounds = 7                      # interleaved rounds (median of their ratios)
     warmup = 10                     # per model and round
     iters = 30
     tolerance = 0.15                # a ratio this much above the baseline's fails
@@ -201,17 +201,14 @@ def measure_suite(
     files = {m.name: export_model(m, suite, device, workdir) for m in suite.models}
     names = list(files)
     log(f"measuring {len(names)} models x {suite.rounds} rounds on {device.name}")
+    # Every round in one measuring call (one process on the cpu device), each round
+    # starting one model later so none is always first. A process per round was tried
+    # and was no steadier run to run (bench/results/latency_regress.md).
+    order = [names[(r + i) % len(names)] for r in range(suite.rounds) for i in range(len(names))]
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(suite.rounds):
-        # One measuring call (on the cpu device, one fresh process) per round: a process
-        # has its own luck (memory placement, core), which shifted every ratio of a run
-        # alike by up to 20% here; across rounds the median cancels it. Each round
-        # starts one model later, so none is always first.
-        k = r % len(names)
-        order = names[k:] + names[:k]
-        stream = measure_many(device, [files[n] for n in order], suite.warmup, suite.iters)
-        for name, stats in zip(order, stream, strict=True):
-            times[name].append(stats.median)
+    stream = measure_many(device, [files[n] for n in order], suite.warmup, suite.iters)
+    for name, stats in zip(order, stream, strict=True):
+        times[name].append(stats.median)
     ref = times[suite.reference]
     result = SuiteResult(device.name, fingerprint, suite.reference, suite.rounds)
     for n in names:

@@ -25,17 +25,18 @@ def _suite(tmp_path: Path, names=("ref", "a", "b"), **settings) -> Path:
 
 
 class FakeDevice:
-    """Per-model cost in ms; every measuring call (a round) runs under its own load
-    factor, as a fresh process on a busy machine does."""
+    """Per-model cost in ms; every round (one pass over the models) runs under its own
+    load factor, as on a busy machine."""
 
     def __init__(self, cost: dict[str, float], loads=(1.0, 3.0, 1.5, 0.8, 2.2, 1.1, 4.0)):
         self.cost, self.loads, self.calls = dict(cost), loads, []
 
     def __call__(self, device, paths, warmup, iters):
-        load = self.loads[len(self.calls) % len(self.loads)]
         names = [Path(p).stem for p in paths]
         self.calls.append(names)
-        for n in names:
+        n_models = len(set(names))
+        for i, n in enumerate(names):
+            load = self.loads[(i // n_models) % len(self.loads)]
             yield LatencyStats.from_samples([self.cost[n] * load] * iters, warmup)
 
 
@@ -84,11 +85,13 @@ def test_other_hardware_gets_the_foreign_tolerance(tmp_path):
     assert _run(tmp_path, slower).regressed  # the same +25% on the baseline's hardware
 
 
-def test_every_round_is_one_call_in_a_rotated_order(tmp_path):
+def test_rounds_are_interleaved_in_a_rotated_order(tmp_path):
     fake = FakeDevice({"ref": 1.0, "a": 1.0, "b": 1.0})
     _run(tmp_path, fake, update=True, suite={"rounds": 4})
-    assert [c[0] for c in fake.calls] == ["ref", "a", "b", "ref"]
-    assert all(sorted(c) == ["a", "b", "ref"] for c in fake.calls)
+    (order,) = fake.calls  # one measuring call for the run
+    rounds = [order[i : i + 3] for i in range(0, 12, 3)]
+    assert [r[0] for r in rounds] == ["ref", "a", "b", "ref"]
+    assert all(sorted(r) == ["a", "b", "ref"] for r in rounds)
 
 
 def test_new_and_missing_models_are_reported_not_failed(tmp_path):
@@ -190,18 +193,18 @@ def test_a_slow_down_must_show_twice(tmp_path):
 
     class Burst(FakeDevice):
         def __call__(self, device, paths, warmup, iters):
-            first_run = len(self.calls) < 7  # 7 rounds (one call each) per run
+            first_run = not self.calls  # one measuring call per run
             self.cost["a"] = 7.0 if first_run else 5.1
             return super().__call__(device, paths, warmup, iters)
 
     burst = Burst({"ref": 10.0, "a": 5.0, "b": 2.0})
     r = _run(tmp_path, burst)
-    assert len(burst.calls) == 14 and r.confirmation is not None and not r.regressed
+    assert len(burst.calls) == 2 and r.confirmation is not None and not r.regressed
     a = next(v for v in r.verdicts if v.name == "a")
     assert a.ratio == pytest.approx(0.51) and r.result.models["a"]["runs"] == pytest.approx(
         [0.7, 0.51]
     )
     steady = FakeDevice({"ref": 10.0, "a": 7.0, "b": 2.0})
     r = _run(tmp_path, steady)
-    assert len(steady.calls) == 14 and [v.name for v in r.regressed] == ["a"]
+    assert len(steady.calls) == 2 and [v.name for v in r.regressed] == ["a"]
     assert r.to_dict()["confirmation"]["models"]["a"]["ratio"] == pytest.approx(0.7)
