@@ -88,7 +88,8 @@ def test_other_hardware_gets_the_foreign_tolerance(tmp_path):
 def test_rounds_are_interleaved_in_a_rotated_order(tmp_path):
     fake = FakeDevice({"ref": 1.0, "a": 1.0, "b": 1.0})
     _run(tmp_path, fake, update=True, suite={"rounds": 4})
-    (order,) = fake.calls  # one measuring call for the run
+    assert len(fake.calls) == 3  # --update: the middle of three runs
+    order = fake.calls[0]  # one measuring call per run
     rounds = [order[i : i + 3] for i in range(0, 12, 3)]
     assert [r[0] for r in rounds] == ["ref", "a", "b", "ref"]
     assert all(sorted(r) == ["a", "b", "ref"] for r in rounds)
@@ -208,3 +209,14 @@ def test_a_slow_down_must_show_twice(tmp_path):
     r = _run(tmp_path, steady)
     assert len(steady.calls) == 2 and [v.name for v in r.regressed] == ["a"]
     assert r.to_dict()["confirmation"]["models"]["a"]["ratio"] == pytest.approx(0.7)
+
+
+def test_the_baseline_is_the_middle_of_several_runs(tmp_path):
+    class Drifting(FakeDevice):  # model a reads 0.45, 0.5, 0.6 of the reference by run
+        def __call__(self, device, paths, warmup, iters):
+            self.cost["a"] = (4.5, 5.0, 6.0)[len(self.calls) % 3]
+            return super().__call__(device, paths, warmup, iters)
+
+    _run(tmp_path, Drifting({"ref": 10.0, "a": 5.0, "b": 2.0}), update=True)
+    base = json.loads((tmp_path / "baseline.json").read_text())["models"]["a"]
+    assert base["ratio"] == pytest.approx(0.5)
