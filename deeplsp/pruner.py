@@ -82,6 +82,10 @@ class PruneConfig:
     # of one model on a shared CPU spread by a few percent, and the delivered model is
     # measured again at the end.
     guard: float = 0.03
+    # One timing of a candidate on a shared CPU can be this far off (and, rarely, 40%):
+    # a measurement that disagrees with the prediction by more, or misses the budget by
+    # less, is timed twice more and the median of the three counts.
+    noise_band: float = 0.10
     warmup: int = 10
     iters: int = 50
     seed: int = 0
@@ -111,6 +115,8 @@ class PruneConfig:
                 raise DeepLSPError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not 0 <= self.guard < 0.5:
             raise DeepLSPError(f"guard must be in [0, 0.5) (got {self.guard})")
+        if not 0 <= self.noise_band < 1:
+            raise DeepLSPError(f"noise_band must be in [0, 1) (got {self.noise_band})")
         if self.max_iterations < 1:
             raise DeepLSPError(f"max_iterations must be >= 1 (got {self.max_iterations})")
         if self.quick:
@@ -688,8 +694,22 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
         tsum = lat.table_sum(keeps)
         cand = Candidate(keeps, tsum, calib.predict(tsum), cost=cost)
         model = prune_groups(copy.deepcopy(dense), shape, keeps, cfg.importance)
-        cand.measured = measure_model(model, shape, device, cfg.warmup, cfg.iters)
-        ms = cand.measured["latency"]["median"]
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "candidate.onnx"
+            cand.measured = measure_model(model, shape, device, cfg.warmup, cfg.iters, onnx_path)
+            ms = cand.measured["latency"]["median"]
+            if _doubtful(ms, cand.predicted_ms, cfg):
+                # An e2e run timed a candidate predicted at 4.78 ms at 6.55 ms, and the
+                # correction that followed collapsed the search to the smallest network
+                # (13% top-1). Two more timings; the median of the three counts.
+                runs = [ms] + [
+                    target.measure(device, onnx_path, cfg.warmup, cfg.iters, REPEATS).median
+                    for _ in range(2)
+                ]
+                ms = sorted(runs)[1]
+                cand.measured["latency"]["median"] = ms
+                cand.measured["timings_ms"] = runs
+                log(f"iteration {it + 1}: timed again ({', '.join(f'{t:.3f}' for t in runs)} ms)")
         cand.note = f"iteration {it + 1}"
         history.append(cand)
         log(
@@ -713,11 +733,24 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
             f"{closest:.3f} ms on {device.name}); raise the budget or --max-iterations"
         )
     ms = best.measured["latency"]["median"]
-    return (
-        best,
+    status = (
         f"search: measured {ms:.3f} ms <= {goal_ms:.3f} ms (budget {cfg.budget_ms:g} ms less a "
-        f"{cfg.guard:.0%} noise guard) after {len(history)} iteration(s)",
+        f"{cfg.guard:.0%} noise guard) after {len(history)} iteration(s)"
     )
+    if ms < cfg.lower_slack * cfg.budget_ms:
+        status += (
+            f"; WELL UNDER the budget ({ms / cfg.budget_ms:.0%} of it): the search ended before "
+            "it got closer (raise --max-iterations)"
+        )
+    return best, status
+
+
+def _doubtful(ms: float, predicted_ms: float, cfg: PruneConfig) -> bool:
+    """Whether one timing is too close to the budget, or too far from the prediction, to
+    be trusted alone."""
+    band = cfg.noise_band
+    near_miss = (1 - cfg.guard) * cfg.budget_ms < ms <= (1 + band) * cfg.budget_ms
+    return near_miss or abs(ms / predicted_ms - 1) > band
 
 
 def _staircase(lat: LatencyModel, table: LatencyTable, groups) -> dict:

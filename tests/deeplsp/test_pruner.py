@@ -14,7 +14,7 @@ from deeplsp.errors import DeepLSPError
 from deeplsp.models import MODELS, ModelEntry
 from deeplsp.pruner import PruneConfig, prune
 from export import export_onnx
-from profiling.counting import count_torch
+from profiling.counting import count_onnx, count_torch
 from profiling.latency_table import LatencyTable
 from profiling.runner import LatencyStats
 
@@ -57,15 +57,25 @@ def tiny(monkeypatch, tmp_path):
     """Register `tinynet` and replace the device clock by functions of MACs."""
     entry = ModelEntry("tinynet", "test model", TinyNet, "none")
     monkeypatch.setitem(MODELS._entries, "tinynet", entry)
-    curve = {"power": 1.0}
+    # power: how latency grows with MACs; log: every timing's true ms, in order;
+    # outliers: timing number (1-based, in log order) -> factor (noise)
+    curve = {"power": 1.0, "log": [], "outliers": {}}
+
+    def clock(macs: int) -> float:
+        ms = 0.05 + (1e-6 * macs) ** curve["power"]
+        curve["log"].append(ms)
+        return ms * curve["outliers"].get(len(curve["log"]), 1.0)
 
     def fake_measure(model, shape, device, warmup, iters, path=None):
         result = export_onnx(model, shape, path or tmp_path / "cand.onnx")
-        macs = count_torch(model, shape).macs
-        ms = 0.05 + (1e-6 * macs) ** curve["power"]
+        ms = clock(count_torch(model, shape).macs)
         return {"latency": _stats(ms).to_dict(), "export": result.to_dict()}
 
+    def fake_target_measure(device, path, warmup, iters, repeats=3):  # a second timing
+        return _stats(clock(count_onnx(path).macs))
+
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
+    monkeypatch.setattr(prune_mod.target, "measure", fake_target_measure)
     monkeypatch.setattr(
         prune_mod,
         "LatencyTable",
@@ -284,3 +294,24 @@ def test_tensorrt_device_through_an_agent_rounds_channels_and_delivers_its_engin
     assert all(g["keep"] % 8 == 0 for g in r["groups"])
     md = (tmp_path / "run" / "report.md").read_text()
     assert "through the agent at http://orin.test:8765" in md and "model.engine" in md
+
+
+def test_an_outlier_timing_is_timed_again_not_chased(tmp_path, tiny, fashionmnist_dir):
+    """One candidate timed 40% slow (a burst on a shared machine) is re-timed and the
+    median kept: the search does not over-correct into a far smaller network."""
+    probe = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=1e6), log=lambda s: None)
+    budget = 0.6 * _dense_ms(probe)
+    clean = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
+    first = clean["search"][0]["measured"]
+    # timings before the search: the dense model and two calibration models
+    tiny["log"].clear()
+    prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
+    assert tiny["log"][3] == first["latency"]["median"]
+    # the same run, with the first timing of the first candidate 40% slow
+    tiny["log"].clear()
+    tiny["outliers"] = {4: 1.4}
+    noisy = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
+    timed = noisy["search"][0]["measured"]
+    assert timed["timings_ms"][0] == pytest.approx(1.4 * first["latency"]["median"])
+    assert timed["latency"]["median"] == pytest.approx(first["latency"]["median"])
+    assert [g["keep"] for g in noisy["groups"]] == [g["keep"] for g in clean["groups"]]
