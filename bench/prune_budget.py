@@ -108,6 +108,9 @@ def main() -> None:
     p.add_argument("--dense-epochs", type=int, default=1)
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument(
+        "--results", default="prune_budget", help="file stem under bench/results/ (json, md)"
+    )
     args = p.parse_args()
 
     device = get_device("cpu")
@@ -190,11 +193,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
             fp = fingerprint(device)
             write_json(
-                HERE / "results" / "prune_budget.json",
+                HERE / "results" / f"{args.results}.json",
                 {"fingerprint": fp, "args": vars(args), "rows": rows},
             )
             write_text(
-                HERE / "results" / "prune_budget.md",
+                HERE / "results" / f"{args.results}.md",
                 f"# DeepLSP vs torch-pruning baselines at equal measured latency (`cpu`, "
                 f"{fp['cpu']}, {fp['cores']} threads)\n\nReal Fashion-MNIST; dense models "
                 f"trained {args.dense_epochs} epoch(s) on {args.train_subset} images; every "
