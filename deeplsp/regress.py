@@ -400,8 +400,9 @@ def _measure_and_compare(
     return report
 
 
-def middle_of(runs: list[SuiteResult]) -> SuiteResult:
-    """Per model, the run with the median ratio (every run's ratio kept in `runs`)."""
+def _per_model(runs: list[SuiteResult], rank: int) -> SuiteResult:
+    """Per model, the run whose ratio ranks `rank` from the lowest (every run's ratio
+    kept in `runs`)."""
     first = runs[0]
     merged = SuiteResult(
         first.device, first.fingerprint, first.reference, first.rounds,
@@ -409,19 +410,16 @@ def middle_of(runs: list[SuiteResult]) -> SuiteResult:
     )  # fmt: skip
     for name in first.models:
         ranked = sorted((r.models[name] for r in runs), key=lambda m: m["ratio"])
-        merged.models[name] = dict(ranked[len(ranked) // 2])
+        merged.models[name] = dict(ranked[rank])
         merged.models[name]["runs"] = [r.models[name]["ratio"] for r in runs]
     return merged
 
 
+def middle_of(runs: list[SuiteResult]) -> SuiteResult:
+    """Per model, the run with the median ratio."""
+    return _per_model(runs, len(runs) // 2)
+
+
 def kinder_of(first: SuiteResult, second: SuiteResult) -> SuiteResult:
-    """Per model, the run with the lower ratio (both runs' rounds kept)."""
-    merged = SuiteResult(
-        first.device, first.fingerprint, first.reference, first.rounds,
-        seconds=first.seconds + second.seconds,
-    )  # fmt: skip
-    for name, a in first.models.items():
-        b = second.models[name]
-        merged.models[name] = dict(min(a, b, key=lambda r: r["ratio"]))
-        merged.models[name]["runs"] = [a["ratio"], b["ratio"]]
-    return merged
+    """Per model, the run with the lower ratio."""
+    return _per_model([first, second], 0)
