@@ -12,8 +12,13 @@ the table's cold (empty cache) and warm build times.
 Every variant is measured a second time, independently: the share of those
 re-measurements within +-10% of the first is the ceiling that no predictor can
 beat on this machine, and is reported next to the predictor's share.
-Results: bench/results/latency_prediction.{json,md}, rewritten after every variant;
-an interrupted run resumes where it stopped (same seed and machine; `--fresh` restarts).
+
+`--timing paired` (the pipeline's default) times every file after the dense model
+alternately with it and counts the ratio times the dense model's median, as
+`deeplsp prune` does; `--timing absolute` times each file on its own.
+Results: bench/results/RESULTS.{json,md} (`--results`, default
+latency_prediction-TIMING), rewritten after every variant; an interrupted run
+resumes where it stopped (same seed, timing and machine; `--fresh` restarts).
 
     .venv/bin/python bench/latency_prediction.py [--models resnet18,mobilenet_v3_large] [--n 50]
 """
@@ -35,15 +40,15 @@ from deeplsp.atomic import write_json, write_text
 from deeplsp.models import build_model
 from deeplsp.pruner import (
     RATIOS,
-    REPEATS,
+    TIMINGS,
     LatencyModel,
+    Timing,
     calibrate,
     candidate_keeps,
     measure_model,
 )
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
-from profiling.isolated import measure_isolated
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,18 +96,22 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing", choices=TIMINGS, default="paired")
+    p.add_argument("--results", help="file stem under bench/results/")
     p.add_argument("--fresh", action="store_true", help="discard earlier variants (else resume)")
     args = p.parse_args()
+    args.results = args.results or f"latency_prediction-{args.timing}"
 
     device = get_device("cpu")
     fp = fingerprint(device)
     shape = (1, 1, 32, 32)
-    state_path = RESULTS / "latency_prediction.json"
-    state = {"fingerprint": fp, "seed": args.seed, "iters": args.iters, "models": {}}
+    state_path = RESULTS / f"{args.results}.json"
+    run_key = {"seed": args.seed, "iters": args.iters, "timing": args.timing}
+    state = {"fingerprint": fp, **run_key, "models": {}}
     if state_path.exists() and not args.fresh:
         old = json.loads(state_path.read_text())
         same = old.get("fingerprint", {}).get("id") == fp["id"]
-        if same and (old.get("seed"), old.get("iters")) == (args.seed, args.iters):
+        if same and all(old.get(k) == v for k, v in run_key.items()):
             state = old  # resume: every variant measured so far is kept
     cache = Path(__file__).parent / "cache" / "latency_prediction.sqlite"
     for name in args.models.split(","):
@@ -116,10 +125,12 @@ def main() -> None:
         rng = random.Random(args.seed)
         with LatencyTable(device, cache) as table, tempfile.TemporaryDirectory() as tmp:
             lat = LatencyModel(model, shape, groups, table)
-            dense_ms = measure_model(model, shape, device, 10, args.iters)["latency"]["median"]
-            calib, small_ms = calibrate(
-                lat, model, shape, device, candidates, dense_ms, 10, args.iters
-            )
+            timing = Timing(device, 10, args.iters)
+            dense_onnx = Path(tmp) / "dense.onnx"
+            dense_ms = measure_model(model, shape, timing, dense_onnx)["latency"]["median"]
+            if args.timing == "paired":
+                timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+            calib, small_ms = calibrate(lat, model, shape, timing, candidates, dense_ms)
             entry.setdefault("dense_ms", dense_ms)
             entry.setdefault("smallest_ms", small_ms)
             for i in range(args.n):
@@ -129,13 +140,9 @@ def main() -> None:
                 predicted = calib.predict(lat.table_sum(keeps))
                 pruned = prune_groups(copy.deepcopy(model), shape, keeps)
                 onnx_path = Path(tmp) / "variant.onnx"
-                measured = measure_model(pruned, shape, device, 10, args.iters, onnx_path)[
-                    "latency"
-                ]["median"]
+                measured = measure_model(pruned, shape, timing, onnx_path)["latency"]["median"]
                 # the same file again, in another fresh process, a few seconds later
-                again = measure_isolated(
-                    onnx_path, device.resolved_threads(), 10, args.iters, REPEATS
-                ).median
+                again = timing.time(onnx_path)["latency"]["median"]
                 err = (predicted - measured) / measured
                 entry["variants"].append(
                     {
@@ -147,30 +154,37 @@ def main() -> None:
                         "calibration": calib.to_dict(),
                     }
                 )
-                write_results(state, state_path, fp, args.iters)  # kept as soon as measured
+                write_results(state, args)  # kept as soon as measured
                 print(
                     f"{name} {i + 1}/{args.n}: predicted {predicted:.3f} ms, "
                     f"measured {measured:.3f} ms ({err:+.1%}), again {again:.3f} ms",
                     flush=True,
                 )
-    write_results(state, state_path, fp, args.iters)
+    write_results(state, args)
 
 
-def write_results(state: dict, state_path: Path, fp: dict, iters: int) -> None:
+def write_results(state: dict, args) -> None:
+    fp, iters = state["fingerprint"], args.iters
     summary = [
         _summary(name, e["variants"], e) for name, e in state["models"].items() if e["variants"]
     ]
     state["summary"] = summary
-    write_json(state_path, state)
+    write_json(RESULTS / f"{args.results}.json", state)
     table_md = tabulate(summary, headers="keys", tablefmt="github")
+    how = (
+        f"timed alternately with the dense model (5 windows of {iters} runs each), median "
+        "ratio times the dense model's median"
+        if args.timing == "paired"
+        else f"middle of three windows of {iters} runs"
+    )
     write_text(
-        RESULTS / "latency_prediction.md",
+        RESULTS / f"{args.results}.md",
         f"# Latency prediction on `cpu` ({fp['cpu']}, {fp['cores']} threads, onnxruntime "
         f"{fp['runtime']['onnxruntime']})\n\n"
         f"Random pruned variants (`variants` per model; every group at one of 8 candidate "
         f"ratios), input 1x32x32, batch 1. Predicted: per-layer table sum (layers timed in a "
         f"fresh process), calibrated on the dense, middle and smallest candidates. Measured: "
-        f"exported ONNX, middle of three windows of {iters} runs, in a fresh process. Every "
+        f"exported ONNX in a fresh process, {how}. Every "
         f"variant measured twice, independently: `remeasured_within_10pct` is the share of "
         f"second measurements within 10% of the first, the ceiling for any predictor on this "
         f"machine. Table cost: 10 random variants from an empty cache (cold) and again from "

@@ -343,6 +343,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         max_iterations=args.max_iterations,
+        timing=args.timing,
         seed=args.seed,
     )
     r = prune(cfg)
@@ -557,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="measured search iterations before giving up",
     )
+    pn.add_argument(
+        "--timing",
+        choices=("paired", "absolute"),  # deeplsp.pruner.TIMINGS (torch-free here)
+        default="paired",
+        help="paired (default): time each candidate alternately with the dense model and "
+        "count their ratio, steady on a shared machine; absolute: each file on its own",
+    )
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--out", type=Path, help="output folder (default runs/MODEL-DATASET-DEVICE)")
     pn.set_defaults(func=cmd_prune)
@@ -622,9 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_positive_int, default=8765)
     sv.add_argument("--device", choices=DEVICES.names(), help="device to serve (default: detected)")
     sv.add_argument("--token-file", type=Path, help="file holding the token (chmod 600)")
-    sv.add_argument(
-        "--threads", type=_positive_int, help="ONNX Runtime threads of the cpu device"
-    )
+    sv.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads of the cpu device")
     sv.add_argument("--max-upload-mb", type=_positive_int, default=512)
     sv.add_argument("--max-queue", type=_positive_int, default=8, help="jobs waiting at most")
     sv.add_argument("--job-timeout-s", type=_positive_float, default=900, help="limit of one job")

@@ -111,7 +111,7 @@ def evaluate_outcome(
     iters: int = 50,
 ) -> dict:
     """Everything measured the same way for every method; writes model.onnx and pruned.pt."""
-    from deeplsp.pruner import measure_model
+    from deeplsp.pruner import Timing, measure_model
 
     model = outcome.model.cpu().eval()
     top = evaluate(model, test_loader, "cpu")
@@ -120,7 +120,9 @@ def evaluate_outcome(
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     channels = channels_of(model, job.shape)
     kept = sum(channels.get(g, 0) for g in dense["channels"]) / sum(dense["channels"].values())
-    measured = measure_model(model, job.shape, job.device, warmup, iters, cell / "model.onnx")
+    measured = measure_model(
+        model, job.shape, Timing(job.device, warmup, iters), cell / "model.onnx"
+    )
     onnx_bytes = (cell / "model.onnx").read_bytes()
     latency = measured["latency"]
     achieved = {
@@ -168,7 +170,7 @@ def _dense(
 ) -> tuple[torch.nn.Module, dict]:
     """Train (or load) the dense model once per dataset, and measure it once."""
     from deeplsp.pipeline import train_dense
-    from deeplsp.pruner import measure_model
+    from deeplsp.pruner import Timing, measure_model
 
     ckpt_path, info_path = root / "dense.pt", root / "dense.json"
     if not ckpt_path.exists():
@@ -188,7 +190,7 @@ def _dense(
         return model, json.loads(info_path.read_text())
     test = load_split(dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
     shape = _shape(device, dataset)
-    measured = measure_model(model, shape, device, cfg.warmup, cfg.iters)
+    measured = measure_model(model, shape, Timing(device, cfg.warmup, cfg.iters))
     info = {
         "test": evaluate(model, make_loader(test, 256, shuffle=False), "cpu"),
         "latency_ms": measured["latency"],

@@ -47,6 +47,7 @@ from profiling.latency_table import Calibration, LatencyTable, LayerSig, default
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
 REPEATS = 3  # timed windows per end-to-end measurement
+TIMINGS = ("paired", "absolute")
 
 
 @dataclass
@@ -86,6 +87,11 @@ class PruneConfig:
     # a measurement that disagrees with the prediction by more, or misses the budget by
     # less, is timed twice more and the median of the three counts.
     noise_band: float = 0.10
+    # "paired": every later timing alternates the file with the dense model and counts
+    # their ratio times the dense model's first median, so a slow spell of a shared
+    # machine does not move the search; "absolute": each file timed on its own.
+    timing: str = "paired"
+    timing_rounds: int = 5
     warmup: int = 10
     iters: int = 50
     seed: int = 0
@@ -117,6 +123,12 @@ class PruneConfig:
             raise DeepLSPError(f"guard must be in [0, 0.5) (got {self.guard})")
         if not 0 <= self.noise_band < 1:
             raise DeepLSPError(f"noise_band must be in [0, 1) (got {self.noise_band})")
+        if self.timing not in TIMINGS:
+            raise DeepLSPError(
+                f"--timing must be one of {', '.join(TIMINGS)} (got {self.timing!r})"
+            )
+        if self.timing_rounds < 1:
+            raise DeepLSPError(f"timing_rounds must be >= 1 (got {self.timing_rounds})")
         if self.max_iterations < 1:
             raise DeepLSPError(f"max_iterations must be >= 1 (got {self.max_iterations})")
         if self.quick:
@@ -285,31 +297,57 @@ def allocate_coupled(
 
 
 # -- measurement ------------------------------------------------------------------
+@dataclass
+class Timing:
+    """How this run times ONNX files on the device. With a `reference` (the dense model's
+    ONNX file and its measured median), a file is timed alternately with it and its
+    latency is the median ratio times `reference_ms`: the latency it has at the speed
+    the device ran the dense model at. Without, `REPEATS` windows of the file alone."""
+
+    device: DeviceSpec
+    warmup: int
+    iters: int
+    reference: Path | None = None
+    reference_ms: float | None = None
+    rounds: int = 5
+
+    def time(self, path: Path, iters: int | None = None) -> dict:
+        iters = iters or self.iters
+        if self.reference is None:
+            stats = target.measure(self.device, path, self.warmup, iters, REPEATS)
+            return {"latency": stats.to_dict()}
+        rel = target.measure_relative(
+            self.device, path, self.reference, self.warmup, iters, self.rounds
+        )
+        ms = rel.ratio * self.reference_ms
+        return {
+            "latency": rel.stats.scaled(ms / rel.stats.median).to_dict(),
+            "as_timed": rel.stats.to_dict(),
+            "ratio_to_dense": rel.ratio,
+            "ratios": rel.ratios,
+            "dense_as_timed_ms": rel.reference.median,
+        }
+
+
 def measure_model(
-    model: nn.Module,
-    shape: tuple[int, ...],
-    device: DeviceSpec,
-    warmup: int,
-    iters: int,
-    path: Path | None = None,
+    model: nn.Module, shape: tuple[int, ...], timing: Timing, path: Path | None = None, **kw
 ) -> dict:
-    """Export (verified) and measure on the device; the ONNX file is kept only at `path`."""
+    """Export (verified) and time on the device; the ONNX file is kept only at `path`.
+    `kw` goes to `Timing.time`."""
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = path or Path(tmp) / "candidate.onnx"
         result = export_onnx(model, shape, onnx_path)
-        stats = target.measure(device, result.path, warmup, iters, REPEATS)
-    return {"latency": stats.to_dict(), "export": result.to_dict()}
+        measured = timing.time(result.path, **kw)
+    return {**measured, "export": result.to_dict()}
 
 
 def calibrate(
     lat: LatencyModel,
     dense: nn.Module,
     shape: tuple[int, ...],
-    device: DeviceSpec,
+    timing: Timing,
     candidates: dict[str, list[int]],
     dense_ms: float,
-    warmup: int,
-    iters: int,
     importance: str = "l1",
 ) -> tuple[Calibration, float]:
     """Fit table sum -> measured latency on three measured models: the dense one (measured
@@ -325,7 +363,7 @@ def calibrate(
     sums, measured = [lat.table_sum(full)], [dense_ms]
     for keeps in (middle, smallest):
         model = prune_groups(copy.deepcopy(dense), shape, keeps, importance)
-        measured.append(measure_model(model, shape, device, warmup, iters)["latency"]["median"])
+        measured.append(measure_model(model, shape, timing)["latency"]["median"])
         sums.append(lat.table_sum(keeps))
     return Calibration.fit(sums, measured), measured[-1]
 
@@ -380,6 +418,11 @@ def candidate_keeps(groups: list[ChannelGroup], ratios, multiple: int) -> dict[s
 
 def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     """Run DeepLSP end to end; returns the report (also written to `cfg.out`)."""
+    with tempfile.TemporaryDirectory(prefix="deeplsp-") as work:
+        return _prune(cfg, log, Path(work))
+
+
+def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     from deeplsp.report import write_report
 
     stages = _Stages()
@@ -452,9 +495,15 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
 
     # 4. latency on the device
     fp = target.fingerprint(device)
-    dense_meas = stages.run("measure", measure_model, dense, shape, device, cfg.warmup, cfg.iters)
+    timing = Timing(device, cfg.warmup, cfg.iters)
+    dense_onnx = work / "dense.onnx"
+    dense_meas = stages.run("measure", measure_model, dense, shape, timing, dense_onnx)
     dense_ms = dense_meas["latency"]["median"]
     log(f"dense {cfg.model}: {dense_ms:.3f} ms median on {device.name}")
+    if cfg.timing == "paired":
+        timing = replace(
+            timing, reference=dense_onnx, reference_ms=dense_ms, rounds=cfg.timing_rounds
+        )
 
     with LatencyTable(
         device, cache_dir / "latency.sqlite", warmup=cfg.warmup, iters=max(10, cfg.iters // 2)
@@ -469,11 +518,9 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
             lat,
             dense,
             shape,
-            device,
+            timing,
             candidates,
             dense_ms,
-            cfg.warmup,
-            cfg.iters,
             cfg.importance,
         )
 
@@ -516,7 +563,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
                 cfg,
                 dense,
                 shape,
-                device,
+                timing,
                 lat,
                 candidates,
                 sens,
@@ -558,10 +605,9 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
         measure_model,
         pruned,
         shape,
-        device,
-        cfg.warmup,
-        max(cfg.iters, 50),
+        timing,
         out / "model.onnx",
+        iters=max(cfg.iters, 50),
     )
     final_ms = final["latency"]["median"]
     engine = None
@@ -606,6 +652,8 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
             "structured_cost": structured_cost.to_dict(),
             "nonzero_params": sum(p.numel() for p in pruned.parameters()) - zeros,
             "latency_ms": final["latency"],
+            "latency_as_timed_ms": final.get("as_timed"),
+            "ratio_to_dense": final.get("ratio_to_dense"),
             "predicted_ms": chosen.predicted_ms,
             "onnx_bytes": final["export"]["size_bytes"],
         },
@@ -620,6 +668,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
             for g in groups
         ],
         "unstructured": {"amount": cfg.amount, "per_layer": amounts},
+        "timing": {"mode": cfg.timing, "rounds": cfg.timing_rounds, "dense_ms": dense_ms},
         "calibration": calib.to_dict(),
         "search": [c.to_dict() for c in history],
         "latency_table": {**table_stats, "new_rows": table_stats["rows"] - rows_before},
@@ -680,7 +729,7 @@ def allocate_channels(
     return keeps, sum(sens[g].get(k, 0.0) for g, k in keeps.items())
 
 
-def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, history, log):
+def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, history, log):
     """Allocate against the calibrated table, measure the exported candidate, correct."""
     goal_ms = (1 - cfg.guard) * cfg.budget_ms
     best: Candidate | None = None
@@ -696,16 +745,13 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
         model = prune_groups(copy.deepcopy(dense), shape, keeps, cfg.importance)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "candidate.onnx"
-            cand.measured = measure_model(model, shape, device, cfg.warmup, cfg.iters, onnx_path)
+            cand.measured = measure_model(model, shape, timing, onnx_path)
             ms = cand.measured["latency"]["median"]
             if _doubtful(ms, cand.predicted_ms, cfg):
                 # An e2e run timed a candidate predicted at 4.78 ms at 6.55 ms, and the
                 # correction that followed collapsed the search to the smallest network
                 # (13% top-1). Two more timings; the median of the three counts.
-                runs = [ms] + [
-                    target.measure(device, onnx_path, cfg.warmup, cfg.iters, REPEATS).median
-                    for _ in range(2)
-                ]
+                runs = [ms] + [timing.time(onnx_path)["latency"]["median"] for _ in range(2)]
                 ms = sorted(runs)[1]
                 cand.measured["latency"]["median"] = ms
                 cand.measured["timings_ms"] = runs
@@ -735,7 +781,7 @@ def _closed_loop(cfg, dense, shape, device, lat, candidates, sens, calib, histor
         raise DeepLSPError(
             f"no candidate measured within {goal_ms:.3f} ms (budget {cfg.budget_ms:g} ms less a "
             f"{cfg.guard:.0%} noise guard) in {cfg.max_iterations} iterations (closest "
-            f"{closest:.3f} ms on {device.name}); raise the budget or --max-iterations"
+            f"{closest:.3f} ms on {timing.device.name}); raise the budget or --max-iterations"
         )
     ms = best.measured["latency"]["median"]
     status = (

@@ -120,6 +120,22 @@ def markdown(report: dict) -> str:
         f"{via}.",
         "",
     ]
+    timing = report.get("timing") or {}
+    if timing.get("mode") == "paired":
+        as_timed = pruned.get("latency_as_timed_ms")
+        lines += [
+            f"Timing: after the dense model's first measurement ({timing['dense_ms']:.3f} ms), "
+            f"every file was timed alternately with it in {timing['rounds']} rounds; its "
+            "latency is the median ratio to the dense model times that figure, so a slow "
+            "spell of the device moves both and not the search"
+            + (
+                f" (the delivered model as timed: {_ms(as_timed)} ms, "
+                f"{pruned['ratio_to_dense']:.3f} x the dense model)."
+                if as_timed
+                else "."
+            ),
+            "",
+        ]
     if report.get("engine"):
         e = report["engine"]
         lines += [

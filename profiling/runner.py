@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -54,6 +54,17 @@ class LatencyStats:
             warmup=warmup,
             copy_median=statistics.median(copy_samples_ms) if copy_samples_ms else None,
             settings=dict(settings or {}),
+        )
+
+    def scaled(self, factor: float) -> LatencyStats:
+        """The same timings at another speed of the machine (times x `factor`)."""
+        return replace(
+            self,
+            median=self.median * factor,
+            p90=self.p90 * factor,
+            mean=self.mean * factor,
+            std=self.std * factor,
+            min=self.min * factor,
         )
 
     def to_dict(self) -> dict:

@@ -128,6 +128,45 @@ def measure(
     return next(iter(measure_many(device, [path], warmup, iters, repeats)))
 
 
+@dataclass(frozen=True)
+class Relative:
+    """A file's latency as a ratio to a reference timed alternately with it."""
+
+    ratio: float  # median over rounds of file / reference around it
+    ratios: list[float]
+    stats: LatencyStats  # the file's middle window, as timed
+    reference: LatencyStats  # the reference's middle window, as timed
+
+
+def measure_relative(
+    device: DeviceSpec,
+    path: str | Path,
+    reference: str | Path,
+    warmup: int,
+    iters: int,
+    rounds: int = 5,
+) -> Relative:
+    """Time `reference` and `path` alternately in one measuring call (one process on the
+    cpu device): R P R P ... R, `rounds` windows of `path`, each compared with the
+    geometric mean of the reference windows either side of it, so a machine that slows
+    down or speeds up steadily cancels out of every ratio.
+
+    A slow spell of a shared machine slows both files alike, so the ratio holds where an
+    absolute time does not: on this project's 2-core VM one model's ratio to a reference
+    moved 4-11% between runs, its absolute median 10-18%
+    (bench/results/latency_regress.md)."""
+    if rounds < 1:
+        raise DeepLSPError(f"rounds must be >= 1 (got {rounds})")
+    runs = list(measure_many(device, [reference, path] * rounds + [reference], warmup, iters))
+    ref, own = runs[0::2], runs[1::2]
+    ratios = [own[i].median / (ref[i].median * ref[i + 1].median) ** 0.5 for i in range(rounds)]
+
+    def middle(windows: list[LatencyStats]) -> LatencyStats:
+        return sorted(windows, key=lambda s: s.median)[len(windows) // 2]
+
+    return Relative(float(np.median(ratios)), ratios, middle(own), middle(ref))
+
+
 def measure_engine(
     device: DeviceSpec, engine_path: str | Path, warmup: int, iters: int, repeats: int = 3
 ) -> LatencyStats:

@@ -3,6 +3,7 @@ stand-in for the device clock (tests never assert wall-clock times)."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,16 +67,16 @@ def tiny(monkeypatch, tmp_path):
         curve["log"].append(ms)
         return ms * curve["outliers"].get(len(curve["log"]), 1.0)
 
-    def fake_measure(model, shape, device, warmup, iters, path=None):
+    def fake_measure(model, shape, timing, path=None, **kw):
         result = export_onnx(model, shape, path or tmp_path / "cand.onnx")
         ms = clock(count_torch(model, shape).macs)
         return {"latency": _stats(ms).to_dict(), "export": result.to_dict()}
 
-    def fake_target_measure(device, path, warmup, iters, repeats=3):  # a second timing
-        return _stats(clock(count_onnx(path).macs))
+    def fake_time(self, path, iters=None):  # a second timing of a file
+        return {"latency": _stats(clock(count_onnx(path).macs)).to_dict()}
 
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
-    monkeypatch.setattr(prune_mod.target, "measure", fake_target_measure)
+    monkeypatch.setattr(prune_mod.Timing, "time", fake_time)
     monkeypatch.setattr(
         prune_mod,
         "LatencyTable",
@@ -315,3 +316,69 @@ def test_an_outlier_timing_is_timed_again_not_chased(tmp_path, tiny, fashionmnis
     assert timed["timings_ms"][0] == pytest.approx(1.4 * first["latency"]["median"])
     assert timed["latency"]["median"] == pytest.approx(first["latency"]["median"])
     assert [g["keep"] for g in noisy["groups"]] == [g["keep"] for g in clean["groups"]]
+
+
+@pytest.fixture
+def drifting(monkeypatch):
+    """`tinynet` on a device that gets 4% slower with every timing window: a file's
+    timing is a function of its MACs times the drift so far. Returns that function
+    (without drift) and the list of windows timed."""
+    monkeypatch.setitem(MODELS._entries, "tinynet", ModelEntry("tinynet", "t", TinyNet, "none"))
+    monkeypatch.setattr(
+        prune_mod,
+        "LatencyTable",
+        lambda device, path, **kw: LatencyTable(
+            device, path, measure=lambda s: _stats(_layer_ms(s))
+        ),
+    )
+    windows = []
+
+    def true_ms(path) -> float:
+        return 0.05 + 1e-6 * count_onnx(path).macs
+
+    def measure_many(device, paths, warmup, iters, repeats=1):
+        for path in paths:
+            windows.append(path)
+            yield _stats(true_ms(path) * 1.04 ** len(windows))
+
+    monkeypatch.setattr(prune_mod.target, "measure_many", measure_many)
+    return true_ms, windows
+
+
+def test_paired_timing_holds_the_dense_models_speed_while_the_device_drifts(
+    tmp_path, drifting, fashionmnist_dir
+):
+    true_ms, windows = drifting
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
+    budget = 0.5 * _dense_ms(prune(cfg, log=lambda s: None))
+    windows.clear()
+    r = prune(replace(cfg, budget_ms=budget), log=lambda s: None)
+    out = tmp_path / "run"
+    assert _dense_ms(r) == pytest.approx(budget / 0.5)  # the dense model: first window
+    # Every later file was timed against the dense model: its figure is its true latency
+    # at the speed of that first window, however slow the device had become since.
+    delivered = true_ms(out / "model.onnx") * 1.04
+    assert r["pruned"]["latency_ms"]["median"] == pytest.approx(delivered)
+    assert r["pruned"]["ratio_to_dense"] == pytest.approx(delivered / _dense_ms(r))
+    assert r["pruned"]["latency_as_timed_ms"]["median"] > 2 * delivered
+    assert delivered <= budget
+    for c in r["search"]:
+        assert c["measured"]["as_timed"]["median"] > c["measured"]["latency"]["median"]
+    assert len(windows) > 40
+    assert r["timing"] == {"mode": "paired", "rounds": 5, "dense_ms": _dense_ms(r)}
+    assert "timed alternately with it in 5 rounds" in (out / "report.md").read_text()
+
+
+def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_dir):
+    _, windows = drifting
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, timing="absolute")
+    r = prune(cfg, log=lambda s: None)
+    # dense, the two calibration models, the delivered one: one window each here
+    assert len(windows) == 4
+    assert r["pruned"]["ratio_to_dense"] is None and r["timing"]["mode"] == "absolute"
+    assert "alternately" not in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_unknown_timing_is_a_clear_error(tmp_path):
+    with pytest.raises(DeepLSPError, match="--timing must be one of paired, absolute"):
+        PruneConfig(model="m", dataset="d", out=str(tmp_path), keep_ratio=0.5, timing="x")
