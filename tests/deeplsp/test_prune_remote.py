@@ -82,6 +82,7 @@ def test_prune_through_the_agent_equals_the_local_run(tmp_path, fashionmnist_dir
     local["pruned"]["latency_ms"].pop("settings")
     assert remote["pruned"]["latency_ms"] == local["pruned"]["latency_ms"]
     assert remote["pruned"]["latency_ms"]["median"] <= remote["budget_ms"]
+
     def searched(report):
         return [(c["keeps"], c["measured"]["latency"]["median"]) for c in report["search"]]
 
