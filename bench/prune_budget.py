@@ -4,7 +4,10 @@ Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
 - a dense model per architecture, trained once (AdamW, `--dense-epochs` on
   `--train-subset` images) and cached in bench/cache/;
 - budgets at `--budgets` fractions of the dense model's measured latency;
-- DeepLSP (`deeplsp.pruner.prune`, full 8-ratio search, structured only);
+- DeepLSP (`deeplsp.pruner.prune`, full 8-ratio search, structured only), given the
+  budget as that fraction (`budget_ratio`): it measures the dense model itself, and
+  on a machine whose speed drifts between two measurements of the same file a
+  fraction means the same to every method where a number of ms would not;
 - uniform L1: every group keeps the same ratio of channels (L1 filter norms),
   the ratio bisected until the measured latency is within the budget;
 - global Taylor: torch-pruning's MetaPruner with first-order Taylor importance
@@ -157,7 +160,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 dataset="fashionmnist",
                 out=str(HERE / "cache" / "run"),
                 checkpoint=str(ckpt),
-                budget_ms=budget,
+                budget_ratio=frac,
                 finetune_epochs=args.finetune_epochs,
                 train_subset=args.train_subset,
                 test_subset=args.test_subset,

@@ -333,6 +333,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         device_url=args.device_url,
         checkpoint=str(args.checkpoint) if args.checkpoint else None,
         budget_ms=args.budget_ms,
+        budget_ratio=args.budget_ratio,
         keep_ratio=args.keep_ratio,
         latency_weight=args.latency_weight,
         amount=args.amount,
@@ -521,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_url(pn)
     target = pn.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget-ms", type=_positive_float, help="latency budget on the device")
+    target.add_argument(
+        "--budget-ratio",
+        type=_positive_float,
+        help="latency budget as a fraction of the dense model's latency measured on the "
+        "device in this run (0.5: twice as fast)",
+    )
     target.add_argument(
         "--keep-ratio",
         type=_positive_float,

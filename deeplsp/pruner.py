@@ -61,6 +61,8 @@ class PruneConfig:
     device_url: str | None = None  # measure through the agent there (else env / config)
     checkpoint: str | None = None
     budget_ms: float | None = None
+    # the budget as a fraction of the dense model's latency measured in this run
+    budget_ratio: float | None = None
     keep_ratio: float | None = None
     latency_weight: float = 1.0  # --keep-ratio: latency against loss (allocate_channels)
     amount: float | str = 0.0  # fraction of remaining weights, or "adaptive"
@@ -98,10 +100,13 @@ class PruneConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.budget_ms is None) == (self.keep_ratio is None):
-            raise DeepLSPError("give exactly one of --budget-ms and --keep-ratio")
+        given = [x for x in (self.budget_ms, self.budget_ratio, self.keep_ratio) if x is not None]
+        if len(given) != 1:
+            raise DeepLSPError("give exactly one of --budget-ms, --budget-ratio and --keep-ratio")
         if self.budget_ms is not None and not self.budget_ms > 0:
             raise DeepLSPError(f"--budget-ms must be > 0 (got {self.budget_ms})")
+        if self.budget_ratio is not None and not 0 < self.budget_ratio <= 1:
+            raise DeepLSPError(f"--budget-ratio must be in (0, 1] (got {self.budget_ratio})")
         if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
             raise DeepLSPError(f"--keep-ratio must be in (0, 1] (got {self.keep_ratio})")
         if not self.latency_weight >= 0:
@@ -500,6 +505,10 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     dense_meas = stages.run("measure", measure_model, dense, shape, timing, dense_onnx)
     dense_ms = dense_meas["latency"]["median"]
     log(f"dense {cfg.model}: {dense_ms:.3f} ms median on {device.name}")
+    asked = cfg  # as given, for the report
+    if cfg.budget_ratio is not None:
+        cfg = replace(cfg, budget_ms=cfg.budget_ratio * dense_ms, budget_ratio=None)
+        log(f"budget: {asked.budget_ratio:g} x {dense_ms:.3f} ms = {cfg.budget_ms:.3f} ms")
     if cfg.timing == "paired":
         timing = replace(
             timing, reference=dense_onnx, reference_ms=dense_ms, rounds=cfg.timing_rounds
@@ -633,12 +642,13 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     zeros = sum(int((p == 0).sum()) for p in pruned.parameters())
     report = {
         "deeplsp": "prune",
-        "config": cfg.to_dict(),
+        "config": asked.to_dict(),
         "quick": cfg.quick,
         "status": status,
         "device": device.to_dict(),
         "fingerprint": fp,
         "budget_ms": cfg.budget_ms,
+        "budget_ratio": asked.budget_ratio,
         "dense": {
             "note": dense_note,
             "test": dense_acc,

@@ -53,11 +53,15 @@ def markdown(report: dict) -> str:
             "epoch; accuracies are not representative.",
             "",
         ]
-    target = (
-        f"budget {cfg['budget_ms']} ms"
-        if cfg["budget_ms"] is not None
-        else f"keep ratio {cfg['keep_ratio']}"
-    )
+    if cfg.get("budget_ratio") is not None:
+        target = (
+            f"budget {cfg['budget_ratio']:g} x the dense model's measured latency "
+            f"= {report['budget_ms']:.3f} ms"
+        )
+    elif cfg["budget_ms"] is not None:
+        target = f"budget {cfg['budget_ms']} ms"
+    else:
+        target = f"keep ratio {cfg['keep_ratio']}"
     lines += [
         f"Target: {target}. Result: {report['status']}.",
         "",

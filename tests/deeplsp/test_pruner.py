@@ -382,3 +382,29 @@ def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_
 def test_unknown_timing_is_a_clear_error(tmp_path):
     with pytest.raises(DeepLSPError, match="--timing must be one of paired, absolute"):
         PruneConfig(model="m", dataset="d", out=str(tmp_path), keep_ratio=0.5, timing="x")
+
+
+def test_budget_ratio_is_a_fraction_of_the_dense_latency_measured_in_the_run(
+    tmp_path, tiny, fashionmnist_dir
+):
+    r = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ratio=0.5, finetune_epochs=0), log=lambda s: None
+    )
+    assert r["budget_ms"] == pytest.approx(0.5 * _dense_ms(r))
+    assert r["budget_ratio"] == 0.5 and r["config"]["budget_ms"] is None
+    assert r["pruned"]["latency_ms"]["median"] <= r["budget_ms"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"budget 0.5 x the dense model's measured latency = {r['budget_ms']:.3f} ms" in md
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"budget_ratio": 0.5, "budget_ms": 3.0}, "exactly one of --budget-ms, --budget-ratio"),
+        ({}, "exactly one of"),
+        ({"budget_ratio": 1.5}, r"--budget-ratio must be in \(0, 1\] \(got 1.5\)"),
+    ],
+)
+def test_budget_settings_are_checked(tmp_path, kw, message):
+    with pytest.raises(DeepLSPError, match=message):
+        PruneConfig(model="m", dataset="d", out=str(tmp_path), **kw)
