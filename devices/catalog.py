@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deeplsp.registry import Registry
+from devices.cpu import nchwc_block
 from devices.spec import DeviceSpec
 
 DEVICES: Registry[DeviceSpec] = Registry("device")
@@ -17,7 +18,7 @@ DEVICES.register(
         precision="fp32",
         batch=1,
         threads=None,
-        channel_multiple=1,
+        channel_multiple=nchwc_block(),  # see devices/cpu.py
         requires=("onnxruntime",),
     )
 )

@@ -408,3 +408,57 @@ def test_budget_ratio_is_a_fraction_of_the_dense_latency_measured_in_the_run(
 def test_budget_settings_are_checked(tmp_path, kw, message):
     with pytest.raises(DeepLSPError, match=message):
         PruneConfig(model="m", dataset="d", out=str(tmp_path), **kw)
+
+
+def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
+    """Below the knapsack's full-width bound (every group at its smallest, inputs at full
+    width) a budget can still fit networks larger than the smallest: they are found."""
+    from deeplsp.allocation import InfeasibleBudget
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+    sens = {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}
+
+    def layer_ms(sig) -> float:  # proportional to MACs, no rounding
+        if sig.kind == "linear":
+            return 1e-4 * sig.in_channels * sig.out_channels
+        h, w = sig.out_hw
+        return 1e-4 * h * w * sig.out_channels * sig.in_channels / sig.groups
+
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        smallest = {g: min(c) for g, c in candidates.items()}
+        per, base = lat.options({g: max(c) for g, c in candidates.items()}, candidates)
+        bound = base + sum(min(v.values()) for v in per.values())
+        budget = 0.98 * bound
+        assert lat.table_sum(smallest) < budget  # the case: fits coupled, not bounded
+        keeps, cost = prune_mod.allocate_coupled(lat, candidates, sens, budget)
+        assert lat.table_sum(keeps) <= budget
+        assert keeps != smallest and cost < sum(sens[g][k] for g, k in smallest.items())
+        with pytest.raises(InfeasibleBudget):
+            prune_mod.allocate_coupled(lat, candidates, sens, 0.99 * lat.table_sum(smallest))
+
+
+def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
+    tmp_path, tiny, fashionmnist_dir
+):
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    small_ms = probe["calibration"]["fit_points"][-1][1]
+    lines = []
+    # Reachable, but not under the noise guard: every iteration can only offer the
+    # smallest network, which misses the guarded goal.
+    with pytest.raises(DeepLSPError, match=r"no candidate measured within .* in 1 iteration"):
+        prune(
+            _cfg(tmp_path, fashionmnist_dir, budget_ms=1.01 * small_ms, finetune_epochs=0),
+            log=lines.append,
+        )
+    assert any("repeats a measured candidate" in s for s in lines)
