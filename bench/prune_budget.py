@@ -12,6 +12,9 @@ Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
   the ratio bisected until the measured latency is within the budget;
 - global Taylor: torch-pruning's MetaPruner with first-order Taylor importance
   and global ranking, its ratio bisected the same way;
+- all three round channel counts to the device's channel multiple (`round_to` for
+  MetaPruner): on the cpu device that is ONNX Runtime's NCHWc block, without
+  which a pruned network can run slower than the dense one (devices/cpu.py);
 - every method then gets the same fine-tuning (`--finetune-epochs` on the same
   subset, distillation from the dense model) and the same evaluation;
 - every latency the bench takes (the bisections and each delivered model) is timed
@@ -52,13 +55,13 @@ HERE = Path(__file__).parent
 SHAPE = (1, 1, 32, 32)
 
 
-def uniform_l1(dense, ratio):
+def uniform_l1(dense, ratio, multiple):
     groups = find_groups(dense, SHAPE)
-    keep = {g.id: round_channels(g.channels, ratio) for g in groups}
+    keep = {g.id: round_channels(g.channels, ratio, multiple) for g in groups}
     return prune_groups(copy.deepcopy(dense), SHAPE, keep)
 
 
-def global_taylor(dense, ratio, batches):
+def global_taylor(dense, ratio, batches, multiple):
     model = copy.deepcopy(dense).eval()
     classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     pruner = tp.pruner.MetaPruner(
@@ -68,6 +71,7 @@ def global_taylor(dense, ratio, batches):
         global_pruning=True,
         pruning_ratio=1 - ratio,
         ignored_layers=[classifier],
+        round_to=multiple,
     )
     model.zero_grad()
     for x, y in batches:
@@ -150,6 +154,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
         dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
         timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
         dense_macs = count_torch(dense, SHAPE).macs
+        multiple = device.channel_multiple  # every method's channel counts, aligned alike
         dense_top1 = evaluate(dense, test_loader, "cpu")["top1"]
         for frac in map(float, args.budgets.split(",")):
             budget = frac * dense_ms
@@ -178,8 +183,8 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 print("   DeepLSP failed:", exc, flush=True)
                 results["DeepLSP"] = (float("nan"), float("nan"), dense_macs, float("nan"))
             for method, make in (
-                ("uniform L1", lambda ratio, dense=dense: uniform_l1(dense, ratio)),
-                ("global Taylor", lambda ratio, dense=dense: global_taylor(dense, ratio, batches)),
+                ("uniform L1", lambda r, d=dense, m=multiple: uniform_l1(d, r, m)),
+                ("global Taylor", lambda r, d=dense, m=multiple: global_taylor(d, r, batches, m)),
             ):
                 t0 = time.perf_counter()
                 model, _, _ = fit_to_budget(make, budget, timing)
