@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument(
         "--max-iterations",
         type=_positive_int,
-        default=4,
+        default=6,
         help="measured search iterations before giving up",
     )
     pn.add_argument(

@@ -462,3 +462,19 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
             log=lines.append,
         )
     assert any("repeats a measured candidate" in s for s in lines)
+
+
+def test_a_misjudged_candidate_sends_the_search_between_measured_networks(
+    tmp_path, tiny, fashionmnist_dir
+):
+    tiny["power"] = 2.5  # the device is far from the table's straight line
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.5 * _dense_ms(probe)
+    lines = []
+    r = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0), log=lines.append
+    )
+    assert any("stepping between networks measured" in s for s in lines)
+    assert r["pruned"]["latency_ms"]["median"] <= budget
