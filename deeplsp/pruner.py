@@ -764,31 +764,33 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
         ({g: min(c) for g, c in candidates.items()}, ends[1]),
     ]
     for it in range(cfg.max_iterations):
-        table_budget = (goal_ms - calib.offset) / calib.scale
+        table_budget = calib.table_budget(goal_ms)
         try:
             keeps, cost = allocate_coupled(lat, candidates, sens, table_budget)
         except InfeasibleBudget:
             keeps = {g: min(c) for g, c in candidates.items()}
             cost = sum(sens[g].get(k, 0.0) for g, k in keeps.items())
         last = history[-1] if history else None
-        if last is not None and _mispredicted(last, cfg):
+        repeat = any(c.keeps == keeps for c in history)
+        if last is not None and (repeat or _mispredicted(last, cfg)):
             # The table misjudged the last candidate (MobileNetV3 at 32 px on a 2-core
             # VM: a near-dense network predicted at 67% of the dense latency measured
-            # 92%, and the corrected line then sent the search to a network at 38%):
-            # step halfway between the closest measured networks on either side instead.
+            # 92%, and the corrected line then sent the search to a network at 38%), or
+            # it offers nothing new: step halfway between the closest measured networks
+            # on either side of the goal instead, a bisection on measured latency.
             slow = min((p for p in points if p[1] > goal_ms), key=lambda p: p[1])
             fast = max((p for p in points if p[1] <= goal_ms), key=lambda p: p[1], default=None)
-            step = fast and _between(slow[0], fast[0], candidates)
-            if step and step not in (slow[0], fast[0]):
+            step = fast and _between(slow[0], fast[0], candidates, sens)
+            if step and step not in [p[0] for p in points]:
+                why = "offers nothing new" if repeat else f"was {_miss(last):+.0%} off"
                 keeps, cost = step, sum(sens[g].get(k, 0.0) for g, k in step.items())
+                repeat = False
                 log(
-                    f"iteration {it + 1}: the table was "
-                    f"{last.predicted_ms / last.measured['latency']['median'] - 1:+.0%} off; "
-                    f"stepping between networks measured {slow[1]:.3f} and {fast[1]:.3f} ms"
+                    f"iteration {it + 1}: stepping between networks measured {slow[1]:.3f} "
+                    f"and {fast[1]:.3f} ms (the table {why})"
                 )
-        if any(c.keeps == keeps for c in history):
-            # the correction did not move the allocation: timing it again teaches nothing
-            log(f"iteration {it + 1}: the allocation repeats a measured candidate; stopping")
+        if repeat:
+            log(f"iteration {it + 1}: no candidate left between measured networks; stopping")
             break
         tsum = lat.table_sum(keeps)
         cand = Candidate(keeps, tsum, calib.predict(tsum), cost=cost)
@@ -817,16 +819,12 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
             best = cand
         if ms <= goal_ms and ms >= cfg.lower_slack * cfg.budget_ms:
             break
-        # Refit on every measured model, then anchor the line at this candidate: the
-        # relation is not linear over the whole range, and the next candidate lies
-        # close to this one, so the local error is the one to remove. The anchor scales
-        # the line (a slow device or a slow spell slows every network in proportion);
-        # shifting it by the miss instead sent one search from a network timed 7.0 ms
-        # (predicted 4.2) straight to one of 0.27 ms, since an added 2.8 ms left no
-        # network but the smallest under a 4.3 ms budget.
+        # The curve goes through every measured model, this one included, so the next
+        # candidate (close to this one) is predicted from its nearest measured
+        # neighbours: the local error is the one removed. (A line shifted by the miss
+        # instead once sent a search from a network timed 7.0 ms, predicted 4.2, to
+        # one of 0.27 ms; scaling the line fixed that, and the curve keeps it fixed.)
         calib = calib.corrected(tsum, ms)
-        factor = ms / calib.predict(tsum)
-        calib = replace(calib, scale=calib.scale * factor, offset=calib.offset * factor)
     if best is None:
         closest = min(c.measured["latency"]["median"] for c in history)
         raise DeepLSPError(
@@ -847,19 +845,36 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
     return best, status
 
 
+def _miss(cand: Candidate) -> float:
+    """How far the prediction was from the measurement (+0.2: predicted 20% high)."""
+    return cand.predicted_ms / cand.measured["latency"]["median"] - 1
+
+
 def _mispredicted(cand: Candidate, cfg: PruneConfig) -> bool:
     return abs(cand.measured["latency"]["median"] / cand.predicted_ms - 1) > cfg.noise_band
 
 
 def _between(
-    slow: dict[str, int], fast: dict[str, int], candidates: dict[str, list[int]]
+    slow: dict[str, int],
+    fast: dict[str, int],
+    candidates: dict[str, list[int]],
+    sens: dict[str, dict[int, float]],
 ) -> dict[str, int]:
-    """Per group, the candidate count nearest the geometric mean of the two networks'."""
-    out = {}
+    """A network between two: per group, the candidate count nearest the geometric mean
+    of the two networks' counts; where no candidate lies strictly between them, half
+    of those groups (the ones whose loss falls most) take the slow network's count."""
+    out, adjacent = {}, []
     for g, opts in candidates.items():
-        mid = (slow[g] * fast[g]) ** 0.5
-        inside = [k for k in opts if min(slow[g], fast[g]) <= k <= max(slow[g], fast[g])]
-        out[g] = min(inside, key=lambda k: abs(math.log(k / mid)))
+        a, b = sorted((slow[g], fast[g]))
+        inside = [k for k in opts if a < k < b]
+        if inside:
+            out[g] = min(inside, key=lambda k: abs(math.log(k / math.sqrt(a * b))))
+        else:
+            out[g] = fast[g]
+            adjacent += [g] if a < b else []
+    adjacent.sort(key=lambda g: sens[g].get(fast[g], 0.0) - sens[g].get(slow[g], 0.0))
+    for g in adjacent[len(adjacent) // 2 :]:
+        out[g] = slow[g]
     return out
 
 

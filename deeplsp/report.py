@@ -116,9 +116,10 @@ def markdown(report: dict) -> str:
         "## Latency model",
         "",
         f"Per-layer table: {lt['rows']} rows for this device ({lt['new_rows']} measured in "
-        f"this run; {lt['hits']} hits), {lt['path']}. Calibration: measured = "
-        f"{cal['scale']:.3f} x table {cal['offset']:+.3f} ms, fitted on {cal['points']} "
-        "measured models.",
+        f"this run; {lt['hits']} hits), {lt['path']}. Calibration: a monotone curve "
+        f"through {cal['points']} measured models, straight between neighbours in log-log "
+        f"(least-squares line for comparison: {cal['scale']:.3f} x table "
+        f"{cal['offset']:+.3f} ms).",
         "",
         f"Device fingerprint {fp['id']}: {device_summary(fp)}, runtime {fp.get('runtime', {})}"
         f"{via}.",

@@ -60,10 +60,13 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setitem(MODELS._entries, "tinynet", entry)
     # power: how latency grows with MACs; log: every timing's true ms, in order;
     # outliers: timing number (1-based, in log order) -> factor (noise)
-    curve = {"power": 1.0, "log": [], "outliers": {}}
+    # bump: (lo, hi, factor): networks of lo..hi million MACs run `factor` times slower
+    curve = {"power": 1.0, "log": [], "outliers": {}, "bump": (0.0, 0.0, 1.0)}
 
     def clock(macs: int) -> float:
         ms = 0.05 + (1e-6 * macs) ** curve["power"]
+        lo, hi, factor = curve["bump"]
+        ms *= factor if lo <= 1e-6 * macs <= hi else 1.0
         curve["log"].append(ms)
         return ms * curve["outliers"].get(len(curve["log"]), 1.0)
 
@@ -461,13 +464,14 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
             _cfg(tmp_path, fashionmnist_dir, budget_ms=1.01 * small_ms, finetune_epochs=0),
             log=lines.append,
         )
-    assert any("repeats a measured candidate" in s for s in lines)
+    assert any("no candidate left between measured networks" in s for s in lines)
 
 
 def test_a_misjudged_candidate_sends_the_search_between_measured_networks(
     tmp_path, tiny, fashionmnist_dir
 ):
-    tiny["power"] = 2.5  # the device is far from the table's straight line
+    # a cliff the table cannot see: networks of 0.5-1.3 M MACs run 1.6x slower
+    tiny["bump"] = (0.5, 1.3, 1.6)
     probe = prune(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
@@ -477,4 +481,4 @@ def test_a_misjudged_candidate_sends_the_search_between_measured_networks(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0), log=lines.append
     )
     assert any("stepping between networks measured" in s for s in lines)
-    assert r["pruned"]["latency_ms"]["median"] <= budget
+    assert 0.85 * budget <= r["pruned"]["latency_ms"]["median"] <= budget

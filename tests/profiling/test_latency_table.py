@@ -313,7 +313,26 @@ def test_calibration_recovers_a_known_line():
     cal = Calibration.fit(sums, [1.3 * s + 0.7 for s in sums])
     assert cal.scale == pytest.approx(1.3) and cal.offset == pytest.approx(0.7)
     assert cal.points == 4 and cal.max_rel_error == pytest.approx(0.0, abs=1e-12)
-    assert cal.predict(20.0) == pytest.approx(26.7)
+    for s in sums:  # the curve goes through every measured model
+        assert cal.predict(s) == pytest.approx(1.3 * s + 0.7)
+
+
+def test_calibration_follows_a_power_law_between_and_beyond_its_points():
+    sums = [0.5, 2.0, 8.0]
+    cal = Calibration.fit(sums, [0.3 * s**1.4 for s in sums])
+    for s in (0.25, 1.0, 3.0, 20.0):  # between points and extrapolated
+        assert cal.predict(s) == pytest.approx(0.3 * s**1.4)
+    budget = cal.table_budget(0.3 * 5.0**1.4)
+    assert budget == pytest.approx(5.0, rel=1e-6)
+
+
+def test_calibration_curve_never_falls():
+    # the middle model measured slower than the dense one (noise): pooled, not followed
+    cal = Calibration.fit([1.0, 3.0, 4.0], [0.5, 2.2, 1.8])
+    values = [cal.predict(s) for s in (1.0, 2.0, 3.0, 3.5, 4.0, 6.0)]
+    assert values == sorted(values)
+    assert cal.predict(3.0) == pytest.approx(cal.predict(4.0))
+    assert cal.predict(cal.table_budget(1.0)) <= 1.0 + 1e-9
 
 
 def test_calibration_one_point_and_fallbacks():
