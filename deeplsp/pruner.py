@@ -758,8 +758,7 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
     `ends`: the measured latencies of the dense and of the smallest network."""
     goal_ms = (1 - cfg.guard) * cfg.budget_ms
     best: Candidate | None = None
-    # every network measured so far, as (keeps, ms): a bracket for a measured bisection
-    points = [
+    bounds = [  # the dense and the smallest network, as (keeps, ms)
         ({g: max(c) for g, c in candidates.items()}, ends[0]),
         ({g: min(c) for g, c in candidates.items()}, ends[1]),
     ]
@@ -772,12 +771,16 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
             cost = sum(sens[g].get(k, 0.0) for g, k in keeps.items())
         last = history[-1] if history else None
         repeat = any(c.keeps == keeps for c in history)
-        if last is not None and (repeat or _mispredicted(last, cfg)):
+        if last is not None and (
+            repeat or _far_off(last.measured["latency"]["median"], last.predicted_ms, cfg)
+        ):
             # The table misjudged the last candidate (MobileNetV3 at 32 px on a 2-core
             # VM: a near-dense network predicted at 67% of the dense latency measured
             # 92%, and the corrected line then sent the search to a network at 38%), or
             # it offers nothing new: step halfway between the closest measured networks
             # on either side of the goal instead, a bisection on measured latency.
+            # every network measured so far, as (keeps, ms)
+            points = bounds + [(c.keeps, c.measured["latency"]["median"]) for c in history]
             slow = min((p for p in points if p[1] > goal_ms), key=lambda p: p[1])
             fast = max((p for p in points if p[1] <= goal_ms), key=lambda p: p[1], default=None)
             step = fast and _between(slow[0], fast[0], candidates, sens)
@@ -810,7 +813,6 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
                 log(f"iteration {it + 1}: timed again ({', '.join(f'{t:.3f}' for t in runs)} ms)")
         cand.note = f"iteration {it + 1}"
         history.append(cand)
-        points.append((keeps, ms))
         log(
             f"iteration {it + 1}: predicted {cand.predicted_ms:.3f} ms, measured {ms:.3f} ms "
             f"(budget {cfg.budget_ms:g} ms)"
@@ -850,8 +852,9 @@ def _miss(cand: Candidate) -> float:
     return cand.predicted_ms / cand.measured["latency"]["median"] - 1
 
 
-def _mispredicted(cand: Candidate, cfg: PruneConfig) -> bool:
-    return abs(cand.measured["latency"]["median"] / cand.predicted_ms - 1) > cfg.noise_band
+def _far_off(ms: float, predicted_ms: float, cfg: PruneConfig) -> bool:
+    """Whether a timing is further from its prediction than noise explains."""
+    return abs(ms / predicted_ms - 1) > cfg.noise_band
 
 
 def _between(
@@ -883,7 +886,7 @@ def _doubtful(ms: float, predicted_ms: float, cfg: PruneConfig) -> bool:
     be trusted alone."""
     band = cfg.noise_band
     near_miss = (1 - cfg.guard) * cfg.budget_ms < ms <= (1 + band) * cfg.budget_ms
-    return near_miss or abs(ms / predicted_ms - 1) > band
+    return near_miss or _far_off(ms, predicted_ms, cfg)
 
 
 def _staircase(lat: LatencyModel, table: LatencyTable, groups) -> dict:
