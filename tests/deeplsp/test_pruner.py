@@ -16,7 +16,7 @@ from deeplsp.models import MODELS, ModelEntry
 from deeplsp.pruner import PruneConfig, prune
 from export import export_onnx
 from profiling.counting import count_onnx, count_torch
-from profiling.latency_table import LatencyTable
+from profiling.latency_table import Calibration, LatencyTable
 from profiling.runner import LatencyStats
 
 
@@ -48,9 +48,9 @@ def _stats(ms: float) -> LatencyStats:
 def _layer_ms(sig) -> float:
     """Fake per-layer clock: proportional to the layer's MACs."""
     if sig.kind == "linear":
-        return 1e-6 * sig.in_channels * sig.out_channels + 0.001
+        return 1e-6 * sig.in_channels * sig.out_channels + 1e-5
     h, w = sig.out_hw
-    return 1e-6 * h * w * sig.out_channels * sig.in_channels // sig.groups * 9 + 0.001
+    return 1e-6 * h * w * sig.out_channels * (sig.in_channels // sig.groups) * 9 + 1e-5
 
 
 @pytest.fixture
@@ -457,9 +457,9 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
     )
     small_ms = probe["calibration"]["fit_points"][-1][1]
     lines = []
-    # Reachable, but not under the noise guard: every iteration can only offer the
-    # smallest network, which misses the guarded goal.
-    with pytest.raises(DeepLSPError, match=r"no candidate measured within .* in 1 iteration"):
+    # Reachable, but not under the noise guard: the table can only offer the smallest
+    # network, measured already, and nothing measured lies below the aim to step to.
+    with pytest.raises(DeepLSPError, match=r"no candidate measured within .* in 0 iteration"):
         prune(
             _cfg(tmp_path, fashionmnist_dir, budget_ms=1.01 * small_ms, finetune_epochs=0),
             log=lines.append,
@@ -467,18 +467,55 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
     assert any("no candidate left between measured networks" in s for s in lines)
 
 
-def test_a_misjudged_candidate_sends_the_search_between_measured_networks(
-    tmp_path, tiny, fashionmnist_dir
+def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
+    tmp_path, tiny, fashionmnist_dir, monkeypatch
 ):
-    # a cliff the table cannot see: networks of 0.5-1.3 M MACs run 1.6x slower
-    tiny["bump"] = (0.5, 1.3, 1.6)
+    # every channel removed costs loss (the tiny net's own sensitivities are mostly 0,
+    # which lets the knapsack choose anything)
+    def sensitivity(cache_dir, model, groups, order, candidates, *rest, **kw):
+        return {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}, False
+
+    monkeypatch.setattr(prune_mod, "cached_sensitivity", sensitivity)
     probe = prune(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
     budget = 0.5 * _dense_ms(probe)
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0)
+    clean = prune(cfg, log=lambda s: None)["search"][0]["measured"]["latency"]["median"]
+    # a cliff the table cannot see, just where the first candidate lies: it runs 20% over
+    mmacs = clean - 0.05  # the fake clock: 0.05 ms + 1 ms per million MACs
+    tiny["bump"] = (mmacs - 0.005, mmacs + 0.005, 1.2 * budget / clean)
     lines = []
-    r = prune(
-        _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0), log=lines.append
+    r = prune(cfg, log=lines.append)
+    first, second = r["search"][:2]
+    assert first["measured"]["latency"]["median"] > 1.1 * first["predicted_ms"]  # misjudged
+    # the second is predicted through the knapsack solutions measured (and the two ends),
+    # no longer through the uniform middle network the calibration started from
+    (dense_sum, dense_ms), _, (small_sum, small_ms) = r["calibration"]["fit_points"]
+    family = Calibration.fit(
+        [dense_sum, small_sum, first["table_ms"]],
+        [dense_ms, small_ms, first["measured"]["latency"]["median"]],
     )
-    assert any("stepping between networks measured" in s for s in lines)
-    assert 0.85 * budget <= r["pruned"]["latency_ms"]["median"] <= budget
+    # the knapsack again, not a step between the measured networks
+    assert "between" not in second["note"]
+    assert not any(s.startswith("iteration 2:") and "stepping between" in s for s in lines)
+    assert second["predicted_ms"] == pytest.approx(family.predict(second["table_ms"]))
+    assert r["pruned"]["latency_ms"]["median"] <= budget
+
+
+def test_a_step_between_networks_lands_where_their_latencies_meet_the_aim():
+    candidates = {"a": [8, 16, 24, 32, 40, 48, 56, 64], "b": [8, 16], "c": [8, 16]}
+    sens = {"a": {}, "b": {8: 1.0, 16: 0.0}, "c": {8: 0.1, 16: 0.0}}
+    slow = ({"a": 64, "b": 16, "c": 16}, 10.0)
+    fast = ({"a": 8, "b": 8, "c": 8}, 2.0)
+    near_fast = prune_mod._between(slow, fast, 2.5, candidates, sens)
+    middle = prune_mod._between(slow, fast, math.sqrt(20.0), candidates, sens)
+    near_slow = prune_mod._between(slow, fast, 9.0, candidates, sens)
+    # the middle half of the way: counts strictly between, ordered by the aim
+    assert 8 < near_fast["a"] < middle["a"] < near_slow["a"] < 64
+    assert middle["a"] in (16, 24)  # geometric middle of 8 and 64 is 22.6
+    # groups with no count between them: the share that the aim asks for takes the slow
+    # network's count, the group whose loss falls most first
+    assert (near_fast["b"], near_fast["c"]) == (8, 8)
+    assert (middle["b"], middle["c"]) == (16, 8)
+    assert (near_slow["b"], near_slow["c"]) == (16, 16)
