@@ -624,15 +624,20 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     pruned_acc = stages.run("evaluate", evaluate, pruned, test_loader, "cpu")
 
     # 8. deliver: checkpoint, ONNX measured on the device, report
+    iters = max(cfg.iters, 50)
     final = stages.run(
-        "measure",
-        measure_model,
-        pruned,
-        shape,
-        timing,
-        out / "model.onnx",
-        iters=max(cfg.iters, 50),
+        "measure", measure_model, pruned, shape, timing, out / "model.onnx", iters=iters
     )
+    # The verdict is the median of three timings: one alone was 14% off on a shared VM
+    # (one ResNet-18 file timed at 0.258, 0.304 and 0.266 x the dense model).
+    runs = [final] + [
+        stages.run("measure", timing.time, out / "model.onnx", iters=iters) for _ in range(2)
+    ]
+    final = {
+        **final,
+        **sorted(runs, key=lambda m: m["latency"]["median"])[1],
+        "timings_ms": [m["latency"]["median"] for m in runs],
+    }
     final_ms = final["latency"]["median"]
     engine = None
     if device.backend == "tensorrt":  # the engine is built on the device that runs it
@@ -676,7 +681,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             "cost": count_torch(pruned, shape).to_dict(),
             "structured_cost": structured_cost.to_dict(),
             "nonzero_params": sum(p.numel() for p in pruned.parameters()) - zeros,
-            "latency_ms": final["latency"],
+            "latency_ms": final["latency"],  # the median of `timings_ms`
+            "timings_ms": final["timings_ms"],
             "latency_as_timed_ms": final.get("as_timed"),
             "ratio_to_dense": final.get("ratio_to_dense"),
             "predicted_ms": chosen.predicted_ms,
@@ -778,21 +784,27 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
             cost = sum(sens[g].get(k, 0.0) for g, k in keeps.items())
         from_knapsack = True
         points = _measured(bounds, history)
-        if any(p[0] == keeps for p in points):
-            # Nothing new from the table: step between the closest measured networks on
-            # either side of the aim instead, interpolated on their measured latency.
+        repeat = any(p[0] == keeps for p in points)
+        # Two misses on the same side: the curve keeps one far end (regula falsi's
+        # stall: a MobileNetV3-L search stayed 3-30% over the band for 6 iterations).
+        stuck = len(history) >= 2 and len({_side(c, floor_ms, goal_ms) for c in history[-2:]}) == 1
+        if repeat or stuck:
+            # Step between the closest measured networks on either side of the aim
+            # instead, interpolated on their measured latency.
             slow = min((p for p in points if p[1] > aim_ms), key=lambda p: p[1], default=None)
             fast = max((p for p in points if p[1] <= aim_ms), key=lambda p: p[1], default=None)
             step = slow and fast and _between(slow, fast, aim_ms, candidates, sens)
-            if not step or any(p[0] == step for p in points):
+            if step and not any(p[0] == step for p in points):
+                keeps, cost = step, sum(sens[g].get(k, 0.0) for g, k in step.items())
+                from_knapsack = False
+                why = "offers nothing new" if repeat else "missed twice on one side"
+                log(
+                    f"iteration {it + 1}: the table {why}; stepping between networks "
+                    f"measured {slow[1]:.3f} and {fast[1]:.3f} ms"
+                )
+            elif repeat:
                 log(f"iteration {it + 1}: no candidate left between measured networks; stopping")
                 break
-            keeps, cost = step, sum(sens[g].get(k, 0.0) for g, k in step.items())
-            from_knapsack = False
-            log(
-                f"iteration {it + 1}: the table offers nothing new; stepping between networks "
-                f"measured {slow[1]:.3f} and {fast[1]:.3f} ms"
-            )
         tsum = lat.table_sum(keeps)
         cand = Candidate(keeps, tsum, calib.predict(tsum), cost=cost)
         model = prune_groups(copy.deepcopy(dense), shape, keeps, cfg.importance)
@@ -827,7 +839,7 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
             family.append((tsum, ms))
             calib = Calibration.fit(*zip(*family, strict=True))
     if best is None:
-        closest = min(ms for _, ms in _measured(bounds, history))
+        closest = min(c.measured["latency"]["median"] for c in history) if history else ends[1]
         raise DeepLSPError(
             f"no candidate measured within {goal_ms:.3f} ms (budget {cfg.budget_ms:g} ms less a "
             f"{cfg.guard:.0%} noise guard) in {len(history)} iteration(s) (closest "
@@ -849,6 +861,12 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
 def _measured(bounds: list, history: list[Candidate]) -> list[tuple[dict[str, int], float]]:
     """Every network measured so far, as (keeps, ms)."""
     return bounds + [(c.keeps, c.measured["latency"]["median"]) for c in history]
+
+
+def _side(cand: Candidate, floor_ms: float, goal_ms: float) -> int:
+    """+1 measured over the accepted band, -1 under it, 0 inside."""
+    ms = cand.measured["latency"]["median"]
+    return 1 if ms > goal_ms else -1 if ms < floor_ms else 0
 
 
 def _far_off(ms: float, predicted_ms: float, cfg: PruneConfig) -> bool:

@@ -78,6 +78,9 @@ def markdown(report: dict) -> str:
         ("ONNX size (MB)", f"{dense['onnx_bytes'] / 1e6:.2f}", f"{pruned['onnx_bytes'] / 1e6:.2f}"),
     ]
     lines += [tabulate(rows, headers=("", "dense", "pruned"), tablefmt="github"), ""]
+    if pruned.get("timings_ms"):
+        timed = ", ".join(f"{t:.3f}" for t in pruned["timings_ms"])
+        lines += [f"The pruned model's latency is the median of its timings ({timed} ms).", ""]
     lines += ["## Per-group keep ratios", ""]
     lines += [
         tabulate(
