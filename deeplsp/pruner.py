@@ -771,8 +771,8 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
     smallest = {g: min(c) for g, c in candidates.items()}
     bounds = [(full, ends[0]), (smallest, ends[1])]  # measured networks, as (keeps, ms)
     # The knapsack picks the allocations the table rates cheapest, so it finds the
-    # layers the table overrates: its solutions measured 24-46% slower than the
-    # uniform networks of the same table sum (ResNet-18, MobileNetV3-L here). Once one
+    # layers the table overrates: its first solutions measured 24-63% slower than the
+    # curve through uniform networks predicted (ResNet-18, MobileNetV3-L here). Once one
     # is measured, the curve goes through knapsack solutions only (and the two ends,
     # which are knapsack solutions too): a root search along the knapsack's own family.
     family = [(lat.table_sum(full), ends[0]), (lat.table_sum(smallest), ends[1])]
@@ -882,9 +882,9 @@ def _between(
     sens: dict[str, dict[int, float]],
 ) -> dict[str, int]:
     """A network between two measured ones, as (keeps, ms), placed where latency
-    interpolated in log-log between them meets `aim_ms` (kept within the middle half,
-    so a bad interpolation still halves the gap). Per group, the candidate count
-    nearest that point between the two counts; where no candidate lies strictly
+    interpolated in log-log between them meets `aim_ms` (kept within the middle half
+    of the way, so a bad interpolation still cuts the gap by a quarter). Per group,
+    the candidate count nearest that point between the two counts; where no candidate lies strictly
     between them, that share of those groups (the ones whose loss falls most) takes
     the slow network's count."""
     (ks, ms_s), (kf, ms_f) = slow, fast

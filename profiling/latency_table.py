@@ -562,12 +562,6 @@ class Calibration:
                 hi = mid
         return math.exp(lo)
 
-    def corrected(self, table_sum_ms: float, measured_ms: float) -> Calibration:
-        """Refit with one more measured model: the closed loop's correction step."""
-        xs = [x for x, _ in self.fit_points] + [table_sum_ms]
-        ys = [y for _, y in self.fit_points] + [measured_ms]
-        return Calibration.fit(xs, ys)
-
     def to_dict(self) -> dict:
         return {
             "scale": self.scale,

@@ -349,16 +349,6 @@ def test_calibration_one_point_and_fallbacks():
         Calibration.fit([0.0], [1.0])
 
 
-def test_corrected_moves_prediction_toward_new_point():
-    cal = Calibration.fit([2.0, 4.0], [3.0, 5.0])
-    before = cal.predict(10.0)
-    after = cal.corrected(10.0, 20.0)
-    assert after.points == 3 and after.fit_points[-1] == (10.0, 20.0)
-    assert abs(after.predict(10.0) - 20.0) < abs(before - 20.0)
-    assert cal.points == 2  # the original is unchanged
-    hash(after)
-
-
 def test_calibration_to_dict_is_json():
     cal = Calibration.fit([2.0, 4.0, 7.0], [3.0, 5.5, 8.0])
     back = json.loads(json.dumps(cal.to_dict()))
