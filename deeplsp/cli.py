@@ -336,6 +336,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         budget_ratio=args.budget_ratio,
         keep_ratio=args.keep_ratio,
         latency_weight=args.latency_weight,
+        importance=args.importance,
+        selection=args.selection,
         amount=args.amount,
         finetune_epochs=args.finetune_epochs,
         dense_epochs=args.dense_epochs,
@@ -538,6 +540,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=1.0,
         help="--keep-ratio: weight of latency against loss when placing channels (0: loss only)",
+    )
+    pn.add_argument(
+        "--importance",
+        choices=("taylor", "l1", "l2"),  # deeplsp.structure.IMPORTANCES (torch-free here)
+        default="taylor",
+        help="how channels are ranked within a group: first-order Taylor on calibration "
+        "batches, or weight magnitude (default: %(default)s)",
+    )
+    pn.add_argument(
+        "--selection",
+        choices=("sensitivity", "adaptive-bn"),  # deeplsp.pruner.SELECTIONS (torch-free here)
+        default="sensitivity",
+        help="which knapsack answer to measure: the loss-increase knapsack's, or "
+        "(experimental) the best by adaptive-BN loss among blends of loss increase and "
+        "removed importance (default: %(default)s)",
     )
     pn.add_argument(
         "--amount",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.allocation import InfeasibleBudget, Option, allocate
 from deeplsp.checkpoint import load_checkpoint, save_checkpoint
 from deeplsp.datasets import calibration_batches, get_dataset, load_split, make_loader
@@ -30,12 +31,14 @@ from deeplsp.methods import Method, Outcome, PruneJob, register
 from deeplsp.models import input_shape
 from deeplsp.sensitivity import cached_sensitivity
 from deeplsp.structure import (
+    IMPORTANCES,
     ChannelGroup,
     LayerLink,
+    channel_scores,
     find_groups,
     layer_links,
+    order_of,
     prune_groups,
-    removal_order,
     round_channels,
 )
 from deeplsp.training import evaluate, short_budget, train
@@ -49,6 +52,10 @@ RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
 REPEATS = 3  # timed windows per end-to-end measurement
 TIMINGS = ("paired", "absolute")
+SELECTIONS = ("sensitivity", "adaptive-bn")
+# Knapsack costs tried per search step under --selection adaptive-bn: the weight of the
+# measured loss increase against the share of the group's channel importance removed.
+BLENDS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
 @dataclass
@@ -79,7 +86,9 @@ class PruneConfig:
     calib_batches: int = 4
     calib_batch_size: int = 32
     ratios: tuple[float, ...] = RATIOS
-    importance: str = "l1"
+    importance: str = "taylor"
+    selection: str = "sensitivity"
+    abn_images: int = 512  # adaptive-BN evaluation: half to re-estimate BN, half to score
     max_iterations: int = 6
     lower_slack: float = 0.85  # stop once measured >= lower_slack * budget
     # Accept a candidate only if measured <= (1 - guard) * budget: one timing of a model
@@ -136,6 +145,16 @@ class PruneConfig:
             )
         if self.timing_rounds < 1:
             raise DeepLSPError(f"timing_rounds must be >= 1 (got {self.timing_rounds})")
+        if self.importance not in IMPORTANCES:
+            raise DeepLSPError(
+                f"--importance must be one of {', '.join(IMPORTANCES)} (got {self.importance!r})"
+            )
+        if self.selection not in SELECTIONS:
+            raise DeepLSPError(
+                f"--selection must be one of {', '.join(SELECTIONS)} (got {self.selection!r})"
+            )
+        if self.abn_images < 2:
+            raise DeepLSPError(f"abn_images must be >= 2 (got {self.abn_images})")
         if self.max_iterations < 1:
             raise DeepLSPError(f"max_iterations must be >= 1 (got {self.max_iterations})")
         if self.quick:
@@ -143,6 +162,7 @@ class PruneConfig:
             self.train_subset = self.train_subset or 1000
             self.test_subset = self.test_subset or 500
             self.calib_batches = min(self.calib_batches, 2)
+            self.abn_images = min(self.abn_images, 128)
             self.finetune_epochs = min(self.finetune_epochs, 1)
             self.iters = min(self.iters, 30)
         self.ratios = tuple(float(r) for r in self.ratios)
@@ -169,6 +189,7 @@ class Candidate:
     measured: dict | None = None
     cost: float = 0.0
     note: str = ""
+    score: float | None = None  # adaptive-BN loss (lower is better); None: not judged
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -294,13 +315,17 @@ def allocate_coupled(
 
     lo, hi = table_budget, base + sum(max(per[g].values()) for g in per)
     floor = base + sum(min(per[g].values()) for g in per)
-    if table_budget < floor:  # beyond the bound: start from the smallest network
+    best = allocate(opts, lo, base).keeps() if table_budget >= floor else None
+    if best is None or lat.table_sum(best) > table_budget:
+        # Below the bound, or the bound did not hold (measured entries are not monotone in
+        # input width: a depthwise or SE layer can time slower narrower; a MobileNetV3
+        # answer summed 7% over): search up from the smallest network instead.
+        if best is not None:
+            hi = lo
         best = {g: min(c) for g, c in candidates.items()}
         if lat.table_sum(best) > table_budget:
             raise InfeasibleBudget(table_budget, lat.table_sum(best))
         lo = floor * (1 + 1e-9)
-    else:
-        best = allocate(opts, lo, base).keeps()
     for _ in range(steps):
         if hi - lo <= 1e-3 * table_budget:
             break
@@ -313,6 +338,92 @@ def allocate_coupled(
         else:
             hi = mid
     return best, cost(best)
+
+
+def cost_tables(
+    sens: dict[str, dict[int, float]],
+    scores: dict[str, torch.Tensor],
+    candidates: dict[str, list[int]],
+    blends: tuple[float, ...] = BLENDS,
+) -> dict[float, dict[str, dict[int, float]]]:
+    """Knapsack costs per blend b: b x the measured loss increase + (1 - b) x the group's
+    channel importance removed (`channel_scores`, lowest first), each divided by its
+    total over groups. Loss measured one group at a time adds up badly at deep pruning
+    (a MobileNetV3-L network at 30% of the latency summed 11 nats of loss increase); the
+    importance mass spreads the cuts the way global Taylor pruning does."""
+    mass = {
+        g: {k: float(torch.sort(scores[g]).values[: max(c) - k].sum()) for k in c}
+        for g, c in candidates.items()
+    }
+    loss = {g: {k: sens[g].get(k, 0.0) for k in c} for g, c in candidates.items()}
+
+    def total(table: dict[str, dict[int, float]]) -> float:
+        return sum(max(t.values()) for t in table.values()) or 1.0
+
+    tl, tm = total(loss), total(mass)
+    return {
+        b: {
+            g: {k: b * loss[g][k] / tl + (1 - b) * mass[g][k] / tm for k in c}
+            for g, c in candidates.items()
+        }
+        for b in blends
+    }
+
+
+class Selector:
+    """Which knapsack answer the search measures, and how measured networks compare.
+
+    ``--selection sensitivity``: the knapsack on the measured loss increase alone;
+    networks compare by their summed loss increase. ``adaptive-bn``: the knapsack under
+    each of `BLENDS`' cost tables, and of its distinct answers the one with the lowest
+    adaptive-BN loss (`deeplsp.adaptive_bn`, EagleEye's ranking); networks compare by
+    that loss."""
+
+    def __init__(
+        self,
+        dense: nn.Module,
+        shape: tuple[int, ...],
+        order: dict[str, list[int]],
+        lat: LatencyModel,
+        candidates: dict[str, list[int]],
+        sens: dict[str, dict[int, float]],
+        tables: dict[float, dict[str, dict[int, float]]],
+        abn_data: tuple[list, list] | None,
+    ) -> None:
+        self.dense, self.shape, self.order = dense, shape, order
+        self.lat, self.candidates, self.sens = lat, candidates, sens
+        self.tables, self.abn_data = tables, abn_data
+        self._scores: dict[tuple, float] = {}
+
+    def prune(self, keeps: dict[str, int]) -> nn.Module:
+        return prune_groups(copy.deepcopy(self.dense), self.shape, keeps, order=self.order)
+
+    def cost(self, keeps: dict[str, int]) -> float:
+        return sum(self.sens[g].get(k, 0.0) for g, k in keeps.items())
+
+    def score(self, keeps: dict[str, int]) -> float:
+        """Lower is better: adaptive-BN loss, or the summed loss increase without it."""
+        if self.abn_data is None:
+            return self.cost(keeps)
+        key = tuple(sorted(keeps.items()))
+        if key not in self._scores:
+            self._scores[key] = adapted_loss(self.prune(keeps), *self.abn_data)
+        return self._scores[key]
+
+    def allocate(self, table_budget: float) -> tuple[dict[str, int], float, str]:
+        """The chosen answer at `table_budget`, its blend, and a line saying how it was
+        chosen ("" when there was nothing to choose between)."""
+        answers: dict[tuple, tuple[float, dict[str, int]]] = {}
+        for blend, table in self.tables.items():
+            keeps, _ = allocate_coupled(self.lat, self.candidates, table, table_budget)
+            answers.setdefault(tuple(sorted(keeps.items())), (blend, keeps))
+        if len(answers) == 1 or self.abn_data is None:
+            blend, keeps = next(iter(answers.values()))
+            return keeps, blend, ""
+        rated = [(self.score(keeps), blend, keeps) for blend, keeps in answers.values()]
+        loss, blend, keeps = min(rated, key=lambda r: (r[0], -r[1]))
+        others = ", ".join(f"{b:g}: {s:.3f}" for s, b, _ in rated)
+        return keeps, blend, f"adaptive-BN loss by blend {others}; chose {blend:g}"
 
 
 # -- measurement ------------------------------------------------------------------
@@ -367,7 +478,7 @@ def calibrate(
     timing: Timing,
     candidates: dict[str, list[int]],
     dense_ms: float,
-    importance: str = "l1",
+    order: dict[str, list[int]] | None = None,
 ) -> tuple[Calibration, float]:
     """Fit table sum -> measured latency on three measured models: the dense one (measured
     as `dense_ms`), every group at its middle candidate, and every group at its smallest.
@@ -381,7 +492,7 @@ def calibrate(
     smallest = {g: min(c) for g, c in candidates.items()}
     sums, measured = [lat.table_sum(full)], [dense_ms]
     for keeps in (middle, smallest):
-        model = prune_groups(copy.deepcopy(dense), shape, keeps, importance)
+        model = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
         measured.append(measure_model(model, shape, timing)["latency"]["median"])
         sums.append(lat.table_sum(keeps))
     return Calibration.fit(sums, measured), measured[-1]
@@ -492,10 +603,11 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     # 2. groups and candidates, 3. sensitivity on real data
     groups = find_groups(dense, shape)
     candidates = candidate_keeps(groups, cfg.ratios, device.channel_multiple)
-    order = removal_order(dense, shape, cfg.importance)
     batches = calibration_batches(
         cfg.dataset, cfg.data_dir, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
     )
+    scores = channel_scores(dense, shape, cfg.importance, batches)
+    order = order_of(scores)
     sens, sens_cached = stages.run(
         "sensitivity",
         cached_sensitivity,
@@ -544,7 +656,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             timing,
             candidates,
             dense_ms,
-            cfg.importance,
+            order,
         )
 
         history: list[Candidate] = []
@@ -584,7 +696,6 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 "search",
                 _closed_loop,
                 cfg,
-                dense,
                 shape,
                 timing,
                 lat,
@@ -594,12 +705,24 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 history,
                 log,
                 (dense_ms, small_ms),
+                Selector(
+                    dense,
+                    shape,
+                    order,
+                    lat,
+                    candidates,
+                    sens,
+                    cost_tables(sens, scores, candidates)
+                    if cfg.selection == "adaptive-bn"
+                    else {1.0: sens},
+                    abn_batches(cfg) if cfg.selection == "adaptive-bn" else None,
+                ),
             )
         table_stats = table.stats
         staircase = _staircase(lat, table, groups)
 
     # 5. real removal of the chosen allocation
-    pruned = prune_groups(copy.deepcopy(dense), shape, chosen.keeps, cfg.importance)
+    pruned = prune_groups(copy.deepcopy(dense), shape, chosen.keeps, order=order)
     structured_cost = count_torch(pruned, shape)
 
     # 6. unstructured stage, 7. fine-tuning with distillation
@@ -760,7 +883,28 @@ def allocate_channels(
     return keeps, sum(sens[g].get(k, 0.0) for g, k in keeps.items())
 
 
-def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, history, log, ends):
+def abn_batches(cfg: PruneConfig) -> tuple[list, list]:
+    """Training images for adaptive-BN evaluation (another draw than the sensitivity's):
+    the first half re-estimates BatchNorm statistics, the second is scored; batches of
+    at most 64, evenly sized (BatchNorm needs more than one value per channel)."""
+    ((images, labels),) = calibration_batches(
+        cfg.dataset, cfg.data_dir, 1, cfg.abn_images, cfg.seed + 1
+    )
+    if len(labels) < 4:
+        raise DeepLSPError(
+            f"adaptive-BN evaluation needs >= 4 training images; {cfg.dataset} gave "
+            f"{len(labels)} (use --selection sensitivity)"
+        )
+    half = len(labels) // 2
+
+    def batches(x: torch.Tensor, y: torch.Tensor) -> list:
+        n = math.ceil(len(y) / 64)
+        return list(zip(torch.tensor_split(x, n), torch.tensor_split(y, n), strict=True))
+
+    return batches(images[:half], labels[:half]), batches(images[half:], labels[half:])
+
+
+def _closed_loop(cfg, shape, timing, lat, candidates, sens, calib, history, log, ends, selector):
     """Allocate against the calibrated table, measure the exported candidate, correct.
     `ends`: the measured latencies of the dense and of the smallest network."""
     goal_ms = (1 - cfg.guard) * cfg.budget_ms  # accepted at or below
@@ -778,10 +922,9 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
     family = [(lat.table_sum(full), ends[0]), (lat.table_sum(smallest), ends[1])]
     for it in range(cfg.max_iterations):
         try:
-            keeps, cost = allocate_coupled(lat, candidates, sens, calib.table_budget(aim_ms))
+            keeps, blend, chose = selector.allocate(calib.table_budget(aim_ms))
         except InfeasibleBudget:
-            keeps = smallest
-            cost = sum(sens[g].get(k, 0.0) for g, k in keeps.items())
+            keeps, blend, chose = smallest, 1.0, ""
         from_knapsack = True
         points = _measured(bounds, history)
         repeat = any(p[0] == keeps for p in points)
@@ -795,8 +938,7 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
             fast = max((p for p in points if p[1] <= aim_ms), key=lambda p: p[1], default=None)
             step = slow and fast and _between(slow, fast, aim_ms, candidates, sens)
             if step and not any(p[0] == step for p in points):
-                keeps, cost = step, sum(sens[g].get(k, 0.0) for g, k in step.items())
-                from_knapsack = False
+                keeps, from_knapsack = step, False
                 why = "offers nothing new" if repeat else "missed twice on one side"
                 log(
                     f"iteration {it + 1}: the table {why}; stepping between networks "
@@ -805,9 +947,12 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
             elif repeat:
                 log(f"iteration {it + 1}: no candidate left between measured networks; stopping")
                 break
+        if from_knapsack and chose:
+            log(f"iteration {it + 1}: {chose}")
         tsum = lat.table_sum(keeps)
-        cand = Candidate(keeps, tsum, calib.predict(tsum), cost=cost)
-        model = prune_groups(copy.deepcopy(dense), shape, keeps, cfg.importance)
+        cand = Candidate(keeps, tsum, calib.predict(tsum), cost=selector.cost(keeps))
+        cand.score = selector.score(keeps)
+        model = selector.prune(keeps)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "candidate.onnx"
             cand.measured = measure_model(model, shape, timing, onnx_path)
@@ -821,13 +966,15 @@ def _closed_loop(cfg, dense, shape, timing, lat, candidates, sens, calib, histor
                 cand.measured["latency"]["median"] = ms
                 cand.measured["timings_ms"] = runs
                 log(f"iteration {it + 1}: timed again ({', '.join(f'{t:.3f}' for t in runs)} ms)")
-        cand.note = f"iteration {it + 1}" + ("" if from_knapsack else " (between)")
+        cand.note = f"iteration {it + 1}" + (
+            " (between)" if not from_knapsack else f" (blend {blend:g})" if chose else ""
+        )
         history.append(cand)
         log(
             f"iteration {it + 1}: predicted {cand.predicted_ms:.3f} ms, measured {ms:.3f} ms "
             f"(budget {cfg.budget_ms:g} ms, aiming at {aim_ms:.3f})"
         )
-        if ms <= goal_ms and (best is None or cost < best.cost):
+        if ms <= goal_ms and (best is None or cand.score < best.score):
             best = cand
         if floor_ms <= ms <= goal_ms:
             break

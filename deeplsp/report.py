@@ -102,10 +102,17 @@ def markdown(report: dict) -> str:
                     f"{c['predicted_ms']:.3f}",
                     f"{c['measured']['latency']['median']:.3f}" if c["measured"] else "-",
                     f"{c['cost']:.4f}",
+                    "-" if c.get("score") is None else f"{c['score']:.4f}",
                 )
                 for c in report["search"]
             ],
-            headers=("candidate", "predicted ms", "measured ms", "sensitivity"),
+            headers=(
+                "candidate",
+                "predicted ms",
+                "measured ms",
+                "sensitivity",
+                "adaptive-BN loss",
+            ),
             tablefmt="github",
         ),
         "",

@@ -12,6 +12,7 @@ The classifier's outputs (the class logits) are never pruned.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,23 +136,60 @@ def round_channels(channels: int, keep: float | int, multiple: int = 1) -> int:
     return max(multiple, (count // multiple) * multiple) if channels > multiple else channels
 
 
+IMPORTANCES = ("taylor", "l1", "l2")
 _NORM_P = {"l1": 1, "l2": 2}
 
 
-def removal_order(
-    model: nn.Module, input_shape: tuple[int, ...], importance: str = "l1"
-) -> dict[str, list[int]]:
-    """Each group's channel indices, least important first: the order `prune_groups`
-    removes them in, so sensitivity is measured on exactly the channels pruning drops."""
-    if importance not in _NORM_P:
-        raise DeepLSPError(f"unknown importance {importance!r}; choose from: l1, l2")
-    scorer = tp.importance.GroupMagnitudeImportance(p=_NORM_P[importance])
+def channel_scores(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    importance: str = "l1",
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each group's per-channel importance, divided by the group's mean (torch-pruning's
+    "mean" normaliser, so groups compare on one scale).
+
+    ``l1``/``l2``: weight magnitude summed over the group's coupled layers
+    (GroupMagnitudeImportance). ``taylor``: first-order Taylor importance |w * dL/dw|
+    summed over the group (Molchanov et al., ICLR 2017; GroupTaylorImportance), with the
+    gradient of the loss on `batches` of real data. On MobileNetV3-Large the same per-group
+    channel counts fine-tuned to 50.7% top-1 with Taylor's choice of channels and 23.2%
+    with L1's (bench/README.md, session 6): magnitude misjudges hardswish/SE blocks.
+    """
+    if importance not in IMPORTANCES:
+        raise DeepLSPError(
+            f"unknown importance {importance!r}; choose from: {', '.join(IMPORTANCES)}"
+        )
+    if importance == "taylor":
+        if not batches:
+            raise DeepLSPError("taylor importance needs calibration batches of real data")
+        model = copy.deepcopy(model)
+        scorer = tp.importance.GroupTaylorImportance()
+        with eval_mode(model):
+            model.zero_grad()
+            for images, labels in batches:
+                nn.functional.cross_entropy(model(images), labels).backward()
+    else:
+        scorer = tp.importance.GroupMagnitudeImportance(p=_NORM_P[importance])
     graph = _graph(model, input_shape)
     with torch.no_grad():
-        return {
-            info.id: torch.argsort(scorer(group), stable=True).tolist()
-            for info, group in _named_groups(model, graph)
-        }
+        return {info.id: scorer(group) for info, group in _named_groups(model, graph)}
+
+
+def removal_order(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    importance: str = "l1",
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, list[int]]:
+    """Each group's channel indices, least important first (`channel_scores`): the order
+    `prune_groups` removes them in, so sensitivity is measured on the channels it drops."""
+    return order_of(channel_scores(model, input_shape, importance, batches))
+
+
+def order_of(scores: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Channel indices per group, lowest score first (ties: lower index first)."""
+    return {gid: torch.argsort(s, stable=True).tolist() for gid, s in scores.items()}
 
 
 def prune_groups(
@@ -159,13 +197,16 @@ def prune_groups(
     input_shape: tuple[int, ...],
     keep: Mapping[str, int],
     importance: str = "l1",
+    order: Mapping[str, Sequence[int]] | None = None,
 ) -> nn.Module:
     """Remove channels for real, in place: group `g` keeps its `keep[g]` most important channels.
 
-    Importance is the group's L1 (or L2) weight magnitude summed over every coupled
-    layer (torch-pruning's GroupMagnitudeImportance). Groups not in `keep` are untouched.
+    `order` is `removal_order`'s answer for this model (required for ``taylor``, which
+    needs data); without it the order is computed from weight magnitude (`importance`).
+    Groups not in `keep` are untouched.
     """
-    order = removal_order(model, input_shape, importance)
+    if order is None:
+        order = removal_order(model, input_shape, importance)
     unknown = set(keep) - set(order)
     if unknown:
         raise DeepLSPError(f"no prunable group named {sorted(unknown)[0]!r} in this model")

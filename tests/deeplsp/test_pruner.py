@@ -142,6 +142,29 @@ def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashion
     assert first["latency_table"]["new_rows"] > 0 and second["latency_table"]["new_rows"] == 0
 
 
+def test_taylor_importance_removes_the_channels_taylor_ranks_lowest(
+    tmp_path, tiny, fashionmnist_dir
+):
+    from deeplsp.datasets import calibration_batches
+    from deeplsp.structure import find_groups, removal_order
+
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, importance="taylor")
+    r = prune(cfg, log=lambda s: None)
+    assert r["config"]["importance"] == "taylor"
+    out = tmp_path / "run"
+    dense = load_checkpoint(out / "dense.pt").build_model().eval()
+    shape = (1, 1, 32, 32)
+    batches = calibration_batches("fashionmnist", fashionmnist_dir, 2, 16, 0)
+    first = find_groups(dense, shape)[0].id  # features.0: its conv weights show the choice
+    keep = {g["id"]: g["keep"] for g in r["groups"]}[first]
+    taylor = removal_order(dense, shape, "taylor", batches)[first]
+    l1 = removal_order(dense, shape, "l1")[first]
+    kept = sorted(taylor[len(taylor) - keep :])
+    assert kept != sorted(l1[len(l1) - keep :])  # the two criteria disagree here
+    pruned = load_checkpoint(out / "pruned.pt").build_model()
+    torch.testing.assert_close(pruned.features[0].weight, dense.features[0].weight[kept])
+
+
 def test_closed_loop_corrects_a_wrong_prediction(tmp_path, tiny, fashionmnist_dir):
     tiny["power"] = 1.6  # the device is not linear in the table: calibration must be corrected
     probe = prune(
@@ -406,6 +429,10 @@ def test_budget_ratio_is_a_fraction_of_the_dense_latency_measured_in_the_run(
         ({"budget_ratio": 0.5, "budget_ms": 3.0}, "exactly one of --budget-ms, --budget-ratio"),
         ({}, "exactly one of"),
         ({"budget_ratio": 1.5}, r"--budget-ratio must be in \(0, 1\] \(got 1.5\)"),
+        (
+            {"budget_ratio": 0.5, "importance": "fisher"},
+            r"--importance must be one of taylor, l1, l2 \(got 'fisher'\)",
+        ),
     ],
 )
 def test_budget_settings_are_checked(tmp_path, kw, message):
@@ -447,6 +474,133 @@ def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
         assert keeps != smallest and cost < sum(sens[g][k] for g, k in smallest.items())
         with pytest.raises(InfeasibleBudget):
             prune_mod.allocate_coupled(lat, candidates, sens, 0.99 * lat.table_sum(smallest))
+
+
+def test_coupled_allocation_holds_the_budget_when_narrow_inputs_time_slower(tmp_path):
+    """Measured tables are not monotone in input width (a layer can run slower on a
+    misaligned, narrower input): the full-width charge then under-states the network and
+    the knapsack's first answer sums over the budget. The answer must still fit."""
+    from deeplsp.allocation import allocate
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+    sens = {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}
+
+    def layer_ms(sig) -> float:  # MACs, plus a penalty for inputs not a multiple of 8
+        slow = 0.0 if sig.in_channels % 8 == 0 or sig.in_channels == 1 else 1.0
+        if sig.kind == "linear":
+            return 1e-4 * sig.in_channels * sig.out_channels + slow
+        h, w = sig.out_hw
+        return 1e-4 * h * w * sig.out_channels * sig.in_channels / sig.groups + slow
+
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        full = {g: max(c) for g, c in candidates.items()}
+        per, base = lat.options(full, candidates)
+        opts = {
+            g: [prune_mod.Option(k, sens[g][k], per[g][k]) for k in candidates[g]]
+            for g in candidates
+        }
+        budget = 0.3 * lat.table_sum(full)
+        naive = allocate(opts, budget, base).keeps()
+        assert lat.table_sum(naive) > budget  # the case: the bound does not hold
+        keeps, _ = prune_mod.allocate_coupled(lat, candidates, sens, budget)
+        assert lat.table_sum(keeps) <= budget
+        assert keeps != {g: min(c) for g, c in candidates.items()}
+
+
+def test_adaptive_bn_selection_measures_the_blend_with_the_lowest_adapted_loss(
+    tmp_path, monkeypatch
+):
+    from deeplsp.structure import channel_scores, find_groups, order_of
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    torch.manual_seed(0)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+    scores = channel_scores(model, shape, "l1")
+
+    # two cost tables that disagree on which group to cut
+    def cut(cheap):
+        return {
+            g: {k: (0.01 if g == cheap else 1.0) * (1 - k / max(c)) for k in c}
+            for g, c in candidates.items()
+        }
+
+    sens = cut("features.3")
+    tables = {1.0: sens, 0.0: cut("features.6")}
+    judged = []
+
+    def fake_adapted_loss(net, adapt, held):  # favours a wide middle layer
+        loss = 1.0 / net.features[3].out_channels
+        judged.append(loss)
+        return loss
+
+    monkeypatch.setattr(prune_mod, "adapted_loss", fake_adapted_loss)
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        budget = 0.5 * lat.table_sum({g: max(c) for g, c in candidates.items()})
+        answers = {
+            b: prune_mod.allocate_coupled(lat, candidates, t, budget)[0] for b, t in tables.items()
+        }
+        assert answers[1.0] != answers[0.0]  # the case: the blends disagree
+        data = ([(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))],) * 2
+        sel = prune_mod.Selector(
+            model, shape, order_of(scores), lat, candidates, sens, tables, data
+        )
+        keeps, blend, line = sel.allocate(budget)
+    best = max((1.0, 0.0), key=lambda b: answers[b]["features.3"])
+    assert keeps == answers[best] and blend == best
+    assert line.startswith("adaptive-BN loss by blend 1: ") and line.endswith(f"chose {best:g}")
+    assert sel.score(keeps) == min(judged) and len(judged) == 2  # each answer judged once
+
+
+def test_a_budget_run_with_adaptive_bn_selection_scores_every_candidate(
+    tmp_path, tiny, fashionmnist_dir
+):
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.5 * _dense_ms(probe)
+    r = prune(
+        _cfg(
+            tmp_path,
+            fashionmnist_dir,
+            budget_ms=budget,
+            finetune_epochs=0,
+            selection="adaptive-bn",
+            abn_images=32,
+        ),
+        log=lambda s: None,
+    )
+    assert r["pruned"]["latency_ms"]["median"] <= budget
+    scores = [c["score"] for c in r["search"]]
+    assert scores and all(isinstance(x, float) and x > 0 for x in scores)
+    assert "adaptive-BN loss" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_cost_tables_blend_loss_with_removed_importance():
+    sens = {"a": {4: 2.0, 2: 6.0}, "b": {4: 0.0, 2: 2.0}}
+    scores = {"a": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([0.1, 0.3, 1.6, 2.0])}
+    candidates = {"a": [2, 4], "b": [2, 4]}
+    t = prune_mod.cost_tables(sens, scores, candidates, (1.0, 0.5, 0.0))
+    assert t[1.0] == {"a": {2: 0.75, 4: 0.25}, "b": {2: 0.25, 4: 0.0}}  # sens / (6 + 2)
+    # removed importance: a's two weakest channels 2.0, b's 0.4; total 2.4
+    assert t[0.0]["a"][2] == pytest.approx(2.0 / 2.4) and t[0.0]["b"][2] == pytest.approx(0.4 / 2.4)
+    assert t[0.0]["a"][4] == 0.0
+    assert t[0.5]["a"][2] == pytest.approx((0.75 + 2.0 / 2.4) / 2)
 
 
 def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(

@@ -14,6 +14,7 @@ from deeplsp.structure import (
     find_groups,
     layer_links,
     prune_groups,
+    removal_order,
     round_channels,
 )
 from tests.tiny_models import TinyCNN
@@ -128,3 +129,32 @@ def test_pruned_checkpoint_rebuilds_the_pruned_architecture(tmp_path):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
+
+
+def test_taylor_ranks_a_channel_nothing_reads_as_least_important():
+    """A channel with the largest weights that the classifier ignores: magnitude keeps it
+    longest, first-order Taylor (|w * dL/dw| on real batches) removes it first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[0] *= 10
+        model[4].weight[:, 0] = 0
+    batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    shape = (1, 1, 6, 6)
+    (gid,) = [g.id for g in find_groups(model, shape)]
+    assert removal_order(model, shape, "l1")[gid][-1] == 0
+    order = removal_order(model, shape, "taylor", batches)
+    assert order[gid][0] == 0
+    assert all(p.grad is None for p in model.parameters())  # the model's own grads untouched
+    pruned = prune_groups(copy.deepcopy(model), shape, {gid: 3}, order=order)
+    torch.testing.assert_close(pruned[0].weight, model[0].weight[1:])
+    with pytest.raises(DeepLSPError, match="taylor importance needs calibration batches"):
+        removal_order(model, shape, "taylor")
+    with pytest.raises(DeepLSPError, match="choose from: taylor, l1, l2"):
+        removal_order(model, shape, "l3")
