@@ -2,12 +2,13 @@
 ECCV 2020).
 
 Right after channels are removed, BatchNorm's running statistics describe the dense
-network's activations, so a pruned network's loss says little about what it reaches
-after fine-tuning. Re-estimating the statistics on a few training batches (weights
-frozen) and then measuring the loss on other batches ranks candidates the way
-fine-tuning does: on MobileNetV3-Large at 30% of its latency, five knapsack solutions
-ranked by this loss came out in the order of their fine-tuned top-1 but for one swap
-(bench/README.md, session 6); their plain losses were all at chance.
+network's activations, so a pruned network's plain loss says little about what it
+reaches after fine-tuning (on MobileNetV3-Large at 30% of its latency every candidate's
+plain accuracy was at chance). EagleEye re-estimates the statistics on a few training
+batches (weights frozen) and measures the loss on other batches. Here that ranked five
+knapsack answers with L1-ranked channels in the order of their fine-tuned top-1 but for
+one swap, and four with Taylor-ranked channels poorly (its pick 3rd of 4), so the
+selection that uses it is off by default (bench/README.md, session 6).
 """
 
 from __future__ import annotations
