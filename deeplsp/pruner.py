@@ -153,8 +153,8 @@ class PruneConfig:
             raise DeepLSPError(
                 f"--selection must be one of {', '.join(SELECTIONS)} (got {self.selection!r})"
             )
-        if self.abn_images < 2:
-            raise DeepLSPError(f"abn_images must be >= 2 (got {self.abn_images})")
+        if self.abn_images < 4:
+            raise DeepLSPError(f"abn_images must be >= 4 (got {self.abn_images})")
         if self.max_iterations < 1:
             raise DeepLSPError(f"max_iterations must be >= 1 (got {self.max_iterations})")
         if self.quick:
@@ -400,6 +400,10 @@ class Selector:
 
     def cost(self, keeps: dict[str, int]) -> float:
         return sum(self.sens[g].get(k, 0.0) for g, k in keeps.items())
+
+    def adapted(self, keeps: dict[str, int]) -> float | None:
+        """The network's adaptive-BN loss; None under ``--selection sensitivity``."""
+        return None if self.abn_data is None else self.score(keeps)
 
     def score(self, keeps: dict[str, int]) -> float:
         """Lower is better: adaptive-BN loss, or the summed loss increase without it."""
@@ -951,7 +955,7 @@ def _closed_loop(cfg, shape, timing, lat, candidates, sens, calib, history, log,
             log(f"iteration {it + 1}: {chose}")
         tsum = lat.table_sum(keeps)
         cand = Candidate(keeps, tsum, calib.predict(tsum), cost=selector.cost(keeps))
-        cand.score = selector.score(keeps)
+        cand.score = selector.adapted(keeps)
         model = selector.prune(keeps)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "candidate.onnx"
@@ -974,7 +978,7 @@ def _closed_loop(cfg, shape, timing, lat, candidates, sens, calib, history, log,
             f"iteration {it + 1}: predicted {cand.predicted_ms:.3f} ms, measured {ms:.3f} ms "
             f"(budget {cfg.budget_ms:g} ms, aiming at {aim_ms:.3f})"
         )
-        if ms <= goal_ms and (best is None or cand.score < best.score):
+        if ms <= goal_ms and (best is None or selector.score(keeps) < selector.score(best.keeps)):
             best = cand
         if floor_ms <= ms <= goal_ms:
             break

@@ -124,6 +124,7 @@ def test_budget_run_delivers_a_smaller_measured_model_and_all_outputs(
     assert delivered <= budget
     assert r["pruned"]["cost"]["macs"] < r["dense"]["cost"]["macs"]
     assert 1 <= len(r["search"]) <= 4
+    assert all(c["score"] is None for c in r["search"])  # no adaptive-BN loss unless asked
     ratios = {g["id"]: g["ratio"] for g in r["groups"]}
     assert min(ratios.values()) < 1.0
     # the checkpoint rebuilds the pruned architecture
