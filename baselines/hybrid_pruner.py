@@ -132,7 +132,7 @@ class HybridPruner(Method):
         ratios, table = sensitivity_scan(model, groups, order, cfg, job.val)
         before = {g.id: g.channels for g in groups}
         keep = {g: round_channels(c, 1 - ratios[g]) for g, c in before.items()}
-        prune_groups(model, job.shape, keep, "l1")
+        prune_groups(model, job.shape, keep, order=order)
         kept = count_channels(model, groups)
         reduction = 1 - sum(kept.values()) / max(sum(before.values()), 1)
         job.log(f"HybridPruner: sensitivity chose channel reduction {reduction:.3f}")

@@ -284,6 +284,11 @@ class LatencyModel:
         return per, base
 
 
+def summed_loss(sens: dict[str, dict[int, float]], keeps: dict[str, int]) -> float:
+    """The knapsack's objective for one network: its groups' measured loss increases."""
+    return sum(sens[g].get(k, 0.0) for g, k in keeps.items())
+
+
 def allocate_coupled(
     lat: LatencyModel,
     candidates: dict[str, list[int]],
@@ -310,9 +315,6 @@ def allocate_coupled(
         g: [Option(k, sens[g].get(k, 0.0), per[g][k]) for k in candidates[g]] for g in candidates
     }
 
-    def cost(keeps: dict[str, int]) -> float:
-        return sum(sens[g].get(k, 0.0) for g, k in keeps.items())
-
     lo, hi = table_budget, base + sum(max(per[g].values()) for g in per)
     floor = base + sum(min(per[g].values()) for g in per)
     best = allocate(opts, lo, base).keeps() if table_budget >= floor else None
@@ -333,11 +335,11 @@ def allocate_coupled(
         keeps = allocate(opts, mid, base).keeps()
         if lat.table_sum(keeps) <= table_budget:
             lo = mid
-            if cost(keeps) <= cost(best):
+            if summed_loss(sens, keeps) <= summed_loss(sens, best):
                 best = keeps
         else:
             hi = mid
-    return best, cost(best)
+    return best, summed_loss(sens, best)
 
 
 def cost_tables(
@@ -399,7 +401,7 @@ class Selector:
         return prune_groups(copy.deepcopy(self.dense), self.shape, keeps, order=self.order)
 
     def cost(self, keeps: dict[str, int]) -> float:
-        return sum(self.sens[g].get(k, 0.0) for g, k in keeps.items())
+        return summed_loss(self.sens, keeps)
 
     def adapted(self, keeps: dict[str, int]) -> float | None:
         """The network's adaptive-BN loss; None under ``--selection sensitivity``."""
@@ -884,7 +886,7 @@ def allocate_channels(
             f"({exc.min_latency / sum(g.channels for g in groups):.1%})"
         ) from None
     keeps = alloc.keeps()
-    return keeps, sum(sens[g].get(k, 0.0) for g, k in keeps.items())
+    return keeps, summed_loss(sens, keeps)
 
 
 def abn_batches(cfg: PruneConfig) -> tuple[list, list]:

@@ -188,3 +188,28 @@ def test_train_export_profile_chain(capsys, tmp_path, fashionmnist_dir):
     assert ckpt_data.dataset == "fashionmnist"
     # the exported graph's MACs equal the training-side count
     assert data["cost"]["macs"] == ckpt_data.metrics["cost"]["macs"]
+
+
+def test_prune_choices_match_the_pruner():
+    """The CLI spells the pruner's choices out (it imports no torch); they must agree."""
+    from deeplsp.cli import build_parser
+    from deeplsp.pruner import SELECTIONS, TIMINGS, PruneConfig
+    from deeplsp.structure import IMPORTANCES
+
+    args = build_parser().parse_args(
+        ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--budget-ms", "1"]
+    )
+    assert (args.importance, args.selection, args.timing) == (
+        PruneConfig.importance,
+        PruneConfig.selection,
+        PruneConfig.timing,
+    )
+    prune = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices.values()
+        if a.prog.endswith(" prune")
+    )
+    choices = {a.dest: tuple(a.choices) for a in prune._actions if a.choices}
+    assert set(choices["importance"]) == set(IMPORTANCES)
+    assert set(choices["selection"]) == set(SELECTIONS)
+    assert set(choices["timing"]) == set(TIMINGS)
