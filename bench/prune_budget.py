@@ -15,8 +15,9 @@ Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
 - all three round channel counts to the device's channel multiple (`round_to` for
   MetaPruner): on the cpu device that is ONNX Runtime's NCHWc block, without
   which a pruned network can run slower than the dense one (devices/cpu.py);
-- every method then gets the same fine-tuning (`--finetune-epochs` on the same
-  subset, distillation from the dense model) and the same evaluation;
+- every method then gets the same fine-tuning (`deeplsp.pruner.finetune`: DeepLSP's
+  own routine and config, `--finetune-epochs` on the same subset, distillation from
+  the dense model) and the same evaluation;
 - every latency the bench takes (the bisections and each delivered model) is timed
   alternately with the dense model (`deeplsp.pruner.Timing`, 5 rounds): its ratio to
   the dense model is what a budget "at 30% of the dense latency" asks about, and it
@@ -43,11 +44,10 @@ from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.errors import DeepLSPError
-from deeplsp.masks import MaskHooks
 from deeplsp.pipeline import train_dense
-from deeplsp.pruner import PruneConfig, Timing, measure_model, prune
+from deeplsp.pruner import PruneConfig, Timing, finetune, measure_model, prune
 from deeplsp.structure import find_groups, prune_groups, round_channels
-from deeplsp.training import evaluate, short_budget, train
+from deeplsp.training import evaluate, short_budget
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 
@@ -98,16 +98,8 @@ def fit_to_budget(make, budget, timing, steps=7):
     return best
 
 
-def finetune_and_eval(model, dense, args, test_loader):
-    ds = load_split("fashionmnist", "train", subset=args.train_subset, seed=0)
-    cfg = short_budget(args.finetune_epochs)
-    train(
-        model,
-        make_loader(ds, 64, shuffle=True),
-        cfg,
-        MaskHooks(model, {}, dense, 0.5, 4.0),
-        "fine-tune",
-    )
+def finetune_and_eval(model, dense, cfg, test_loader):
+    finetune(model, dense, {}, cfg)  # DeepLSP's own fine-tuning, same config
     return evaluate(model.eval(), test_loader, "cpu")["top1"]
 
 
@@ -189,7 +181,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 t0 = time.perf_counter()
                 model, _, _ = fit_to_budget(make, budget, timing)
                 wall = time.perf_counter() - t0
-                top1 = finetune_and_eval(model, dense, args, test_loader)
+                top1 = finetune_and_eval(model, dense, cfg, test_loader)
                 ms = measure_model(model, SHAPE, timing)["latency"]["median"]
                 results[method] = (ms, top1, count_torch(model, SHAPE).macs, wall)
             l1_ms, _, l1_macs, _ = results["uniform L1"]

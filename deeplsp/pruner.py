@@ -545,6 +545,22 @@ def unstructured_amounts(
 
 
 # -- the pipeline ---------------------------------------------------------------------
+def finetune(model: nn.Module, dense: nn.Module, masks: Masks, cfg: PruneConfig) -> None:
+    """DeepLSP's fine-tuning: distillation from the dense model with the masks enforced,
+    on `cfg`'s training subset. bench/prune_budget.py gives the baselines this same
+    routine, so its accuracy column compares the pruned networks and nothing else."""
+    train_ds = load_split(
+        cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed
+    )
+    train(
+        model,
+        make_loader(train_ds, 64, shuffle=True, seed=cfg.seed),
+        short_budget(cfg.finetune_epochs, cfg.seed, cfg.finetune_lr),
+        MaskHooks(model, masks, dense, cfg.kd_alpha, cfg.kd_temperature),
+        "fine-tune",
+    )
+
+
 def candidate_keeps(groups: list[ChannelGroup], ratios, multiple: int) -> dict[str, list[int]]:
     return {
         g.id: sorted({round_channels(g.channels, r, multiple) for r in ratios} | {g.channels})
@@ -735,20 +751,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     amounts = unstructured_amounts(pruned, cfg.amount, sens, layer_links(pruned, groups))
     masks = magnitude_masks(pruned, amounts) if any(amounts.values()) else {}
     if cfg.finetune_epochs > 0:
-        train_ds = load_split(
-            cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed
-        )
-        ft = short_budget(cfg.finetune_epochs, cfg.seed, cfg.finetune_lr)
-        hooks = MaskHooks(pruned, masks, dense, cfg.kd_alpha, cfg.kd_temperature)
-        stages.run(
-            "fine-tune",
-            train,
-            pruned,
-            make_loader(train_ds, 64, shuffle=True, seed=cfg.seed),
-            ft,
-            hooks,
-            "fine-tune",
-        )
+        stages.run("fine-tune", finetune, pruned, dense, masks, cfg)
     pruned.cpu().eval()
     pruned_acc = stages.run("evaluate", evaluate, pruned, test_loader, "cpu")
 

@@ -1,6 +1,7 @@
 """The DeepLSP pipeline end to end on a tiny registered model, with a deterministic
 stand-in for the device clock (tests never assert wall-clock times)."""
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -696,3 +697,24 @@ def test_the_delivered_model_is_timed_three_times_and_the_median_counts(
     assert noisy["pruned"]["latency_ms"]["median"] == pytest.approx(ms)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "median of its timings" in md
+
+
+def test_finetune_is_one_reproducible_routine(tmp_path, fashionmnist_dir):
+    """The bench fine-tunes its baselines with `finetune` and DeepLSP's config: the same
+    config must give the same weights, with the masks held and the weights moved."""
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=1)
+    torch.manual_seed(0)
+    dense = TinyNet(10, 1, 32).eval()
+    start = TinyNet(10, 1, 32)
+    masks = prune_mod.magnitude_masks(start, {"features.3": 0.5})
+    runs = []
+    for _ in range(2):
+        model = copy.deepcopy(start)
+        torch.manual_seed(123)  # a different global seed each time must not matter
+        torch.rand(1)
+        prune_mod.finetune(model, dense, masks, cfg)
+        runs.append(model.state_dict())
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name
+    assert not torch.equal(runs[0]["features.0.weight"], start.state_dict()["features.0.weight"])
+    assert torch.equal(runs[0]["features.3.weight"] == 0, masks["features.3"] == 0)
