@@ -67,28 +67,52 @@ def measure_sensitivity(
     order: Mapping[str, list[int]],
     candidates: Mapping[str, Sequence[int]],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    around: Mapping[str, int] | None = None,
 ) -> dict[str, dict[int, float]]:
-    """Loss increase (>= 0) per group and keep count, on the calibration batches."""
+    """Loss increase per group and keep count, on the calibration batches.
+
+    Without `around`, each group is cut with every other group whole (clamped at >= 0).
+    With `around` (an allocation of `groups`), every other group is cut to its count there and the
+    increase is relative to that network's own loss: negative where keeping more of the
+    group helps. Cuts measured one at a time from the dense model add up badly at deep
+    pruning; measured around the allocation they are what a change to it costs."""
     model.eval()
     modules = dict(model.named_modules())
-    base = _loss(model, batches)
+    handles: dict[str, list] = {}
+
+    def cut(g: ChannelGroup, keep: int) -> None:
+        for h in handles.pop(g.id, []):
+            h.remove()
+        if keep < g.channels:
+            drop = torch.tensor(order[g.id][: g.channels - keep], dtype=torch.long)
+            handles[g.id] = [_silence(m, drop) for m in _producers(g, modules)]
+
     result: dict[str, dict[int, float]] = {}
-    work = [(g, k) for g in groups for k in candidates[g.id] if k < g.channels]
-    bar = progress(work, "sensitivity")
-    for g in groups:
-        result[g.id] = {g.channels: 0.0}
-    for g, k in bar:
-        drop = torch.tensor(order[g.id][: g.channels - k], dtype=torch.long)
-        handles = [_silence(m, drop) for m in _producers(g, modules)]
-        try:
-            result[g.id][k] = max(0.0, _loss(model, batches) - base)
-        finally:
-            for h in handles:
-                h.remove()
+    try:
+        for g in groups:
+            cut(g, around[g.id] if around else g.channels)
+        base = _loss(model, batches)
+        for g in groups:
+            result[g.id] = {around[g.id] if around else g.channels: 0.0}
+        work = [(g, k) for g in groups for k in candidates[g.id] if k not in result[g.id]]
+        for g, k in progress(work, "sensitivity"):
+            cut(g, k)
+            increase = _loss(model, batches) - base
+            result[g.id][k] = increase if around else max(0.0, increase)
+            cut(g, around[g.id] if around else g.channels)
+    finally:
+        for g in groups:
+            cut(g, g.channels)
     return result
 
 
-def cache_key(model: nn.Module, batches: Sequence, candidates: Mapping, importance: str) -> str:
+def cache_key(
+    model: nn.Module,
+    batches: Sequence,
+    candidates: Mapping,
+    importance: str,
+    around: Mapping[str, int] | None = None,
+) -> str:
     """Hash of everything the scan depends on: weights, calibration data, candidates."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -99,6 +123,8 @@ def cache_key(model: nn.Module, batches: Sequence, candidates: Mapping, importan
         h.update(labels.numpy().tobytes())
     h.update(json.dumps({k: list(v) for k, v in candidates.items()}, sort_keys=True).encode())
     h.update(importance.encode())
+    if around:
+        h.update(json.dumps(dict(around), sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
@@ -110,15 +136,17 @@ def cached_sensitivity(
     candidates: Mapping[str, Sequence[int]],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     importance: str = "l1",
+    around: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, dict[int, float]], bool]:
     """measure_sensitivity, read from / written to `cache_dir`; returns (table, was_cached)."""
-    path = Path(cache_dir) / f"sensitivity-{cache_key(model, batches, candidates, importance)}.json"
+    key = cache_key(model, batches, candidates, importance, around)
+    path = Path(cache_dir) / f"sensitivity-{key}.json"
     if path.is_file():
         try:
             raw = json.loads(path.read_text())
             return {g: {int(k): float(v) for k, v in t.items()} for g, t in raw.items()}, True
         except (ValueError, AttributeError):
             pass  # a damaged cache entry is recomputed and overwritten
-    table = measure_sensitivity(model, groups, order, candidates, batches)
+    table = measure_sensitivity(model, groups, order, candidates, batches, around)
     write_json(path, table)
     return table, False
