@@ -24,6 +24,7 @@ from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import calibration_batches, load_split, make_loader
+from deeplsp.pruner import PruneConfig
 from deeplsp.structure import count_channels, find_groups, prune_groups, removal_order
 from profiling.counting import count_torch
 
@@ -59,7 +60,15 @@ def main() -> None:
                 order = removal_order(dense, SHAPE, choice, calib)
                 model = prune_groups(copy.deepcopy(dense), SHAPE, counts, order=order)
                 abn = adapted_loss(model, adapt, held)
-                top1 = finetune_and_eval(model, dense, args, test_loader)
+                cfg = PruneConfig(  # only its fine-tuning settings are used
+                    model=name,
+                    dataset="fashionmnist",
+                    out=str(HERE / "cache" / "run"),
+                    keep_ratio=ratio,
+                    finetune_epochs=args.finetune_epochs,
+                    train_subset=args.train_subset,
+                )
+                top1 = finetune_and_eval(model, dense, cfg, test_loader)
                 rows.append(
                     {
                         "model": name,
