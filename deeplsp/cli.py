@@ -338,6 +338,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         latency_weight=args.latency_weight,
         importance=args.importance,
         selection=args.selection,
+        allocation=args.allocation,
         amount=args.amount,
         finetune_epochs=args.finetune_epochs,
         dense_epochs=args.dense_epochs,
@@ -555,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="which knapsack answer to measure: the loss-increase knapsack's, or "
         "(experimental) the best by adaptive-BN loss among blends of loss increase and "
         "removed importance (default: %(default)s)",
+    )
+    pn.add_argument(
+        "--allocation",
+        choices=("knapsack", "threshold"),  # deeplsp.pruner.ALLOCATIONS (torch-free here)
+        default="knapsack",
+        help="how many channels each group keeps: the knapsack on measured loss increase "
+        "and table latency, or one global importance threshold aimed at the budget (better "
+        "at deep cuts in bench/README.md, session 7) (default: %(default)s)",
     )
     pn.add_argument(
         "--amount",

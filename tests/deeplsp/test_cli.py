@@ -193,15 +193,16 @@ def test_train_export_profile_chain(capsys, tmp_path, fashionmnist_dir):
 def test_prune_choices_match_the_pruner():
     """The CLI spells the pruner's choices out (it imports no torch); they must agree."""
     from deeplsp.cli import build_parser
-    from deeplsp.pruner import SELECTIONS, TIMINGS, PruneConfig
+    from deeplsp.pruner import ALLOCATIONS, SELECTIONS, TIMINGS, PruneConfig
     from deeplsp.structure import IMPORTANCES
 
     args = build_parser().parse_args(
         ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--budget-ms", "1"]
     )
-    assert (args.importance, args.selection, args.timing) == (
+    assert (args.importance, args.selection, args.allocation, args.timing) == (
         PruneConfig.importance,
         PruneConfig.selection,
+        PruneConfig.allocation,
         PruneConfig.timing,
     )
     prune = next(
@@ -212,4 +213,5 @@ def test_prune_choices_match_the_pruner():
     choices = {a.dest: tuple(a.choices) for a in prune._actions if a.choices}
     assert set(choices["importance"]) == set(IMPORTANCES)
     assert set(choices["selection"]) == set(SELECTIONS)
+    assert set(choices["allocation"]) == set(ALLOCATIONS)
     assert set(choices["timing"]) == set(TIMINGS)

@@ -718,3 +718,54 @@ def test_finetune_is_one_reproducible_routine(tmp_path, fashionmnist_dir):
         assert torch.equal(value, runs[1][name]), name
     assert not torch.equal(runs[0]["features.0.weight"], start.state_dict()["features.0.weight"])
     assert torch.equal(runs[0]["features.3.weight"] == 0, masks["features.3"] == 0)
+
+
+def test_threshold_allocation_keeps_what_clears_one_global_threshold():
+    scores = {
+        "a": torch.tensor([0.1, 0.5, 1.2, 2.2]),
+        "b": torch.tensor([0.3, 0.9, 1.0, 1.8]),
+        "c": torch.tensor([1.0, 1.0, 1.0, 1.0]),
+    }
+    cands = {"a": [1, 2, 3, 4], "b": [2, 4], "c": [1, 2, 3, 4]}
+    at_most = lambda n: lambda keeps: sum(keeps.values()) <= n  # noqa: E731
+    # thresholds 0.9 -> a 2, b 3 rounded up to 4, c 4 (10 channels); 1.0 -> 2 + 2 + 4 = 8
+    assert prune_mod.allocate_threshold(cands, scores, at_most(8)) == {"a": 2, "b": 2, "c": 4}
+    assert prune_mod.allocate_threshold(cands, scores, at_most(9)) == {"a": 2, "b": 2, "c": 4}
+    assert prune_mod.allocate_threshold(cands, scores, at_most(12)) == {"a": 4, "b": 4, "c": 4}
+    # above every score: each group at its smallest candidate (1 + 2 + 1)
+    assert prune_mod.allocate_threshold(cands, scores, at_most(4)) == {"a": 1, "b": 2, "c": 1}
+    assert prune_mod.allocate_threshold(cands, scores, at_most(3)) is None
+
+
+@pytest.mark.parametrize("mode", ["budget", "keep_ratio"])
+def test_threshold_allocation_runs_end_to_end(tmp_path, tiny, fashionmnist_dir, mode):
+    kw = dict(finetune_epochs=0, allocation="threshold")
+    if mode == "budget":
+        probe = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, **kw), log=lambda s: None)
+        kw["budget_ms"] = budget = 0.5 * _dense_ms(probe)
+    else:
+        kw["keep_ratio"] = 0.5
+    r = prune(_cfg(tmp_path, fashionmnist_dir, **kw), log=lambda s: None)
+    keeps = {g["id"]: g["keep"] for g in r["groups"]}
+    if mode == "budget":
+        assert r["pruned"]["latency_ms"]["median"] <= budget
+    else:
+        assert sum(keeps.values()) <= 0.5 * sum(g["channels"] for g in r["groups"])
+        assert "importance threshold" in r["status"]
+    assert min(keeps[g["id"]] / g["channels"] for g in r["groups"]) < 1.0
+    assert r["config"]["allocation"] == "threshold"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"allocation": "greedy"}, r"--allocation must be one of knapsack, threshold"),
+        (
+            {"allocation": "threshold", "selection": "adaptive-bn"},
+            "adaptive-bn chooses among knapsack answers",
+        ),
+    ],
+)
+def test_allocation_settings_are_checked(tmp_path, kw, message):
+    with pytest.raises(DeepLSPError, match=message):
+        PruneConfig(model="m", dataset="d", out=str(tmp_path), budget_ratio=0.5, **kw)
