@@ -4,7 +4,8 @@ Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
 - a dense model per architecture, trained once (AdamW, `--dense-epochs` on
   `--train-subset` images) and cached in bench/cache/;
 - budgets at `--budgets` fractions of the dense model's measured latency;
-- DeepLSP (`deeplsp.pruner.prune`, full 8-ratio search, structured only), given the
+- DeepLSP (`deeplsp.pruner.prune`, full 8-ratio search, structured only), once per
+  `--allocations` value (knapsack: "DeepLSP", threshold: "DeepLSP threshold"), given the
   budget as that fraction (`budget_ratio`): it measures the dense model itself, and
   on a machine whose speed drifts between two measurements of the same file a
   fraction means the same to every method where a number of ms would not;
@@ -133,6 +134,11 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument(
+        "--allocations",
+        default="knapsack,threshold",
+        help="DeepLSP's --allocation values to run, each a row (knapsack is 'DeepLSP')",
+    )
+    p.add_argument(
         "--results", default="prune_budget", help="file stem under bench/results/ (json, md)"
     )
     args = p.parse_args()
@@ -171,29 +177,32 @@ def run(args, device, work, rows, test_loader, batches) -> None:
         for frac in map(float, args.budgets.split(",")):
             budget = frac * dense_ms
             results = {}
-            t0 = time.perf_counter()
-            cfg = PruneConfig(
-                model=name,
-                dataset="fashionmnist",
-                out=str(HERE / "cache" / "run"),
-                checkpoint=str(ckpt),
-                budget_ratio=frac,
-                finetune_epochs=args.finetune_epochs,
-                train_subset=args.train_subset,
-                test_subset=args.test_subset,
-                iters=args.iters,
-                cache_dir=str(HERE / "cache"),
-            )
-            try:
-                r = prune(cfg, log=lambda s: print("  ", s, flush=True))
-                wall = time.perf_counter() - t0 - r["seconds"].get("fine-tune", 0.0)
-                p_ = r["pruned"]
-                # timed again by the bench, as the baselines are, against its dense model
-                ms = timing.time(Path(cfg.out) / "model.onnx")["latency"]["median"]
-                results["DeepLSP"] = (ms, p_["test"]["top1"], p_["cost"]["macs"], wall)
-            except DeepLSPError as exc:  # a failed cell is a result too; the grid goes on
-                print("   DeepLSP failed:", exc, flush=True)
-                results["DeepLSP"] = (float("nan"), float("nan"), dense_macs, float("nan"))
+            for allocation in args.allocations.split(","):
+                method = "DeepLSP" if allocation == "knapsack" else f"DeepLSP {allocation}"
+                t0 = time.perf_counter()
+                cfg = PruneConfig(
+                    model=name,
+                    dataset="fashionmnist",
+                    out=str(HERE / "cache" / "run"),
+                    checkpoint=str(ckpt),
+                    budget_ratio=frac,
+                    allocation=allocation,
+                    finetune_epochs=args.finetune_epochs,
+                    train_subset=args.train_subset,
+                    test_subset=args.test_subset,
+                    iters=args.iters,
+                    cache_dir=str(HERE / "cache"),
+                )
+                try:
+                    r = prune(cfg, log=lambda s: print("  ", s, flush=True))
+                    wall = time.perf_counter() - t0 - r["seconds"].get("fine-tune", 0.0)
+                    p_ = r["pruned"]
+                    # timed again by the bench, as the baselines are, against its dense model
+                    ms = timing.time(Path(cfg.out) / "model.onnx")["latency"]["median"]
+                    results[method] = (ms, p_["test"]["top1"], p_["cost"]["macs"], wall)
+                except DeepLSPError as exc:  # a failed cell is a result too; the grid goes on
+                    print(f"   {method} failed:", exc, flush=True)
+                    results[method] = (float("nan"), float("nan"), dense_macs, float("nan"))
             for method, make in (
                 ("uniform L1", lambda r, d=dense, m=multiple: uniform_l1(d, r, m)),
                 ("global Taylor", lambda r, d=dense, m=multiple: global_taylor(d, r, batches, m)),
