@@ -769,3 +769,12 @@ def test_threshold_allocation_runs_end_to_end(tmp_path, tiny, fashionmnist_dir, 
 def test_allocation_settings_are_checked(tmp_path, kw, message):
     with pytest.raises(DeepLSPError, match=message):
         PruneConfig(model="m", dataset="d", out=str(tmp_path), budget_ratio=0.5, **kw)
+
+
+def test_a_timing_the_search_could_accept_is_never_trusted_alone(tmp_path):
+    cfg = PruneConfig(model="m", dataset="d", out=str(tmp_path), budget_ms=1.0)
+    assert prune_mod._doubtful(0.85, 0.85, cfg)  # in the band, as predicted: timed again
+    assert prune_mod._doubtful(0.50, 0.52, cfg)  # well under: it could still be accepted
+    assert prune_mod._doubtful(1.08, 1.08, cfg)  # a near miss
+    assert not prune_mod._doubtful(1.30, 1.25, cfg)  # clearly over, as predicted
+    assert prune_mod._doubtful(1.30, 0.90, cfg)  # far off its prediction
