@@ -562,8 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("knapsack", "threshold"),  # deeplsp.pruner.ALLOCATIONS (torch-free here)
         default="knapsack",
         help="how many channels each group keeps: the knapsack on measured loss increase "
-        "and table latency, or one global importance threshold aimed at the budget (better "
-        "at deep cuts in bench/README.md, session 7) (default: %(default)s)",
+        "and table latency, or one global importance threshold aimed at the budget (ahead "
+        "at 30%% of MobileNetV3-L's latency, behind at 50-70%%: bench/README.md, session 7) "
+        "(default: %(default)s)",
     )
     pn.add_argument(
         "--amount",

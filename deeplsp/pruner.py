@@ -366,7 +366,8 @@ def allocate_threshold(
     dense latency it fine-tuned to 46-52% top-1 where the knapsack's answer, at the same
     table budget, reached 29-30%: the knapsack takes whatever the table rates cheapest
     and the sensitivity sums say least harm, and at that depth both are far off (the
-    answer cut a residual trunk from 112 channels to 8). None when even every group at its
+    answer cut a residual trunk from 112 channels to 8). At 50-70% it trailed the knapsack
+    (bench/README.md, session 7), so it is an option. None when even every group at its
     smallest candidate does not fit."""
 
     def keeps_at(tau: float) -> dict[str, int]:
