@@ -379,8 +379,9 @@ def allocate_threshold(
 
     taus = sorted({float(v) for g in candidates for v in scores[g]})
     taus.append(math.inf)  # every group at its smallest candidate
-    if fits(keeps_at(taus[0])):
-        return keeps_at(taus[0])
+    widest = keeps_at(taus[0])
+    if fits(widest):
+        return widest
     if not fits(keeps_at(taus[-1])):
         return None
     lo, hi = 0, len(taus) - 1  # taus[lo] does not fit, taus[hi] does
@@ -746,22 +747,13 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         chosen: Candidate | None = None
         status = ""
         if cfg.keep_ratio is not None:
-            if cfg.allocation == "threshold":
-                total = sum(g.channels for g in groups)
-                keeps = allocate_threshold(
-                    candidates, scores, lambda k: sum(k.values()) <= cfg.keep_ratio * total
-                )
-                if keeps is None:
-                    smallest = sum(min(c) for c in candidates.values()) / total
-                    raise DeepLSPError(
-                        f"--keep-ratio {cfg.keep_ratio} keeps fewer channels than the smallest "
-                        f"candidates allow ({smallest:.1%})"
-                    )
+            threshold = scores if cfg.allocation == "threshold" else None
+            keeps, _ = allocate_channels(
+                groups, candidates, sens, cfg.keep_ratio, lat, cfg.latency_weight, threshold
+            )
+            if threshold is not None:
                 how = f"one global {cfg.importance} importance threshold"
             else:
-                keeps, _ = allocate_channels(
-                    groups, candidates, sens, cfg.keep_ratio, lat, cfg.latency_weight
-                )
                 how = f"sensitivity and latency (weight {cfg.latency_weight:g})"
             chosen = Candidate(
                 keeps,
@@ -925,8 +917,10 @@ def allocate_channels(
     ratio: float,
     lat: LatencyModel,
     latency_weight: float = 1.0,
+    threshold: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, int], float]:
-    """--keep-ratio: keep that fraction of all channels, placed by sensitivity and latency.
+    """--keep-ratio: keep that fraction of all channels, placed by sensitivity and latency
+    (or, given `threshold` importance scores, by `allocate_threshold`).
 
     A multiple-choice knapsack over channel counts whose cost is a group's loss increase
     plus `latency_weight` times its table latency, latency scaled so that the whole
@@ -935,6 +929,19 @@ def allocate_channels(
     Among equal costs the most channels are kept (a model with ~0 sensitivities would
     otherwise shrink below the ratio).
     """
+    total = sum(g.channels for g in groups)
+    smallest = sum(min(candidates[g.id]) for g in groups)
+    too_few = DeepLSPError(
+        f"--keep-ratio {ratio} keeps fewer channels than the smallest candidates allow "
+        f"({smallest / total:.1%})"
+    )
+    if threshold is not None:
+        keeps = allocate_threshold(
+            candidates, threshold, lambda k: sum(k.values()) <= ratio * total
+        )
+        if keeps is None:
+            raise too_few
+        return keeps, summed_loss(sens, keeps)
     full = {g: max(c) for g, c in candidates.items()}
     per, _ = lat.options(full, candidates)
     sens_range = sum(max(sens[g].values()) - min(sens[g].values()) for g in candidates)
@@ -953,14 +960,10 @@ def allocate_channels(
         ]
         for g in groups
     }
-    budget = ratio * sum(g.channels for g in groups)
     try:
-        alloc = allocate(opts, budget)
-    except InfeasibleBudget as exc:
-        raise DeepLSPError(
-            f"--keep-ratio {ratio} keeps fewer channels than the smallest candidates allow "
-            f"({exc.min_latency / sum(g.channels for g in groups):.1%})"
-        ) from None
+        alloc = allocate(opts, ratio * total)
+    except InfeasibleBudget:
+        raise too_few from None
     keeps = alloc.keeps()
     return keeps, summed_loss(sens, keeps)
 

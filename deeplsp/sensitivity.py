@@ -72,9 +72,9 @@ def measure_sensitivity(
     """Loss increase per group and keep count, on the calibration batches.
 
     Without `around`, each group is cut with every other group whole (clamped at >= 0).
-    With `around` (an allocation of `groups`), every other group is cut to its count there and the
-    increase is relative to that network's own loss: negative where keeping more of the
-    group helps. Cuts measured one at a time from the dense model add up badly at deep
+    With `around` (an allocation of `groups`), every other group is cut to its count there
+    and the increase is relative to that network's own loss: negative where keeping more
+    of the group helps. Cuts measured one at a time from the dense model add up badly at deep
     pruning; measured around the allocation they are what a change to it costs."""
     model.eval()
     modules = dict(model.named_modules())
@@ -87,19 +87,20 @@ def measure_sensitivity(
             drop = torch.tensor(order[g.id][: g.channels - keep], dtype=torch.long)
             handles[g.id] = [_silence(m, drop) for m in _producers(g, modules)]
 
+    home = {g.id: around[g.id] if around else g.channels for g in groups}
     result: dict[str, dict[int, float]] = {}
     try:
         for g in groups:
-            cut(g, around[g.id] if around else g.channels)
+            cut(g, home[g.id])
         base = _loss(model, batches)
         for g in groups:
-            result[g.id] = {around[g.id] if around else g.channels: 0.0}
-        work = [(g, k) for g in groups for k in candidates[g.id] if k not in result[g.id]]
+            result[g.id] = {home[g.id]: 0.0}
+        work = [(g, k) for g in groups for k in candidates[g.id] if k != home[g.id]]
         for g, k in progress(work, "sensitivity"):
             cut(g, k)
             increase = _loss(model, batches) - base
             result[g.id][k] = increase if around else max(0.0, increase)
-            cut(g, around[g.id] if around else g.channels)
+            cut(g, home[g.id])
     finally:
         for g in groups:
             cut(g, g.channels)
