@@ -54,20 +54,20 @@ def main() -> None:
         dense = load_checkpoint(ckpt).build_model().eval()
         groups = find_groups(dense, SHAPE)
         for ratio in map(float, args.ratios.split(",")):
+            cfg = PruneConfig(  # only its fine-tuning settings are used
+                model=name,
+                dataset="fashionmnist",
+                out=str(HERE / "cache" / "run"),
+                keep_ratio=ratio,
+                finetune_epochs=args.finetune_epochs,
+                train_subset=args.train_subset,
+            )
             reference = global_taylor(dense, ratio, calib, 8)
             counts = count_channels(reference, groups)
             for choice in ("taylor", "l1", "l2"):
                 order = removal_order(dense, SHAPE, choice, calib)
                 model = prune_groups(copy.deepcopy(dense), SHAPE, counts, order=order)
                 abn = adapted_loss(model, adapt, held)
-                cfg = PruneConfig(  # only its fine-tuning settings are used
-                    model=name,
-                    dataset="fashionmnist",
-                    out=str(HERE / "cache" / "run"),
-                    keep_ratio=ratio,
-                    finetune_epochs=args.finetune_epochs,
-                    train_subset=args.train_subset,
-                )
                 top1 = finetune_and_eval(model, dense, cfg, test_loader)
                 rows.append(
                     {

@@ -36,6 +36,7 @@ import argparse
 import copy
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -91,28 +92,26 @@ def fit_to_budget(make, budget, timing, step=0.05, refine=3):
     channels timed at 0.38-0.43x the dense model with 29M MACs, keeping 29% at 0.24-0.26x
     with 4.5M: MetaPruner at high global ratios), and one timing is ~6% off."""
 
-    def fits(ratio):
+    def timed(ratio):
         model = make(ratio)
         runs = [measure_model(model, SHAPE, timing)["latency"]["median"]]
         if runs[0] <= budget * 1.15:  # near enough that noise could decide: time it twice more
             runs += [measure_model(model, SHAPE, timing)["latency"]["median"] for _ in range(2)]
-        ms = sorted(runs)[len(runs) // 2]
-        return (model, ms, ratio) if ms <= budget else None, (model, ms, ratio)
+        return model, sorted(runs)[len(runs) // 2], ratio
 
     grid = [round(1 - i * step, 6) for i in range(int(round(1 / step)))]
-    best, fastest = None, None
+    tried = []
     for i, ratio in enumerate(grid):
-        best, tried = fits(ratio)
-        fastest = min(fastest or tried, tried, key=lambda t: t[1])
-        if best:
-            lo, hi = ratio, grid[i - 1] if i else ratio
+        tried.append(timed(ratio))
+        if tried[-1][1] <= budget:
+            best, lo, hi = tried[-1], ratio, grid[i - 1] if i else ratio
             break
-    if best is None:
-        return fastest  # nothing fits: the fastest network tried, reported as a miss
+    else:
+        return min(tried, key=lambda t: t[1])  # nothing fits: the fastest, reported as a miss
     for _ in range(refine if hi > lo else 0):
         mid = (lo + hi) / 2
-        got, _ = fits(mid)
-        if got:
+        got = timed(mid)
+        if got[1] <= budget:
             lo, best = mid, got
         else:
             hi = mid
@@ -177,22 +176,22 @@ def run(args, device, work, rows, test_loader, batches) -> None:
         for frac in map(float, args.budgets.split(",")):
             budget = frac * dense_ms
             results = {}
+            base = PruneConfig(  # the baselines get its fine-tuning settings
+                model=name,
+                dataset="fashionmnist",
+                out=str(HERE / "cache" / "run"),
+                checkpoint=str(ckpt),
+                budget_ratio=frac,
+                finetune_epochs=args.finetune_epochs,
+                train_subset=args.train_subset,
+                test_subset=args.test_subset,
+                iters=args.iters,
+                cache_dir=str(HERE / "cache"),
+            )
             for allocation in args.allocations.split(","):
                 method = "DeepLSP" if allocation == "knapsack" else f"DeepLSP {allocation}"
                 t0 = time.perf_counter()
-                cfg = PruneConfig(
-                    model=name,
-                    dataset="fashionmnist",
-                    out=str(HERE / "cache" / "run"),
-                    checkpoint=str(ckpt),
-                    budget_ratio=frac,
-                    allocation=allocation,
-                    finetune_epochs=args.finetune_epochs,
-                    train_subset=args.train_subset,
-                    test_subset=args.test_subset,
-                    iters=args.iters,
-                    cache_dir=str(HERE / "cache"),
-                )
+                cfg = replace(base, allocation=allocation)
                 try:
                     r = prune(cfg, log=lambda s: print("  ", s, flush=True))
                     wall = time.perf_counter() - t0 - r["seconds"].get("fine-tune", 0.0)
@@ -210,7 +209,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 t0 = time.perf_counter()
                 model, _, _ = fit_to_budget(make, budget, timing)
                 wall = time.perf_counter() - t0
-                top1 = finetune_and_eval(model, dense, cfg, test_loader)
+                top1 = finetune_and_eval(model, dense, base, test_loader)
                 ms = measure_model(model, SHAPE, timing)["latency"]["median"]
                 results[method] = (ms, top1, count_torch(model, SHAPE).macs, wall)
             l1_ms, _, l1_macs, _ = results["uniform L1"]
