@@ -32,6 +32,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tabulate import tabulate
@@ -98,11 +99,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timing", choices=TIMINGS, default="paired")
     p.add_argument("--results", help="file stem under bench/results/")
+    p.add_argument(
+        "--threads", type=int, help="ONNX Runtime threads on the cpu device (default: every core)"
+    )
     p.add_argument("--fresh", action="store_true", help="discard earlier variants (else resume)")
     args = p.parse_args()
     args.results = args.results or f"latency_prediction-{args.timing}"
 
-    device = get_device("cpu")
+    device = replace(get_device("cpu"), threads=args.threads)
     fp = fingerprint(device)
     shape = (1, 1, 32, 32)
     state_path = RESULTS / f"{args.results}.json"

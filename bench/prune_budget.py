@@ -140,9 +140,12 @@ def main() -> None:
     p.add_argument(
         "--results", default="prune_budget", help="file stem under bench/results/ (json, md)"
     )
+    p.add_argument(
+        "--threads", type=int, help="ONNX Runtime threads on the cpu device (default: every core)"
+    )
     args = p.parse_args()
 
-    device = get_device("cpu")
+    device = replace(get_device("cpu"), threads=args.threads)
     rows = []
     test_loader = make_loader(
         load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
@@ -186,6 +189,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 train_subset=args.train_subset,
                 test_subset=args.test_subset,
                 iters=args.iters,
+                threads=args.threads,
                 cache_dir=str(HERE / "cache"),
             )
             for allocation in args.allocations.split(","):

@@ -331,6 +331,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         out=str(out),
         device=args.device,
         device_url=args.device_url,
+        threads=args.threads,
         checkpoint=str(args.checkpoint) if args.checkpoint else None,
         budget_ms=args.budget_ms,
         budget_ratio=args.budget_ratio,
@@ -523,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--checkpoint", type=Path, help="dense checkpoint (default: train one first)")
     pn.add_argument("--device", default="cpu", choices=DEVICES.names())
     _add_device_url(pn)
+    pn.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="ONNX Runtime threads on a cpu device (default: every core); 1 times steadily "
+        "on a shared VM",
+    )
     target = pn.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget-ms", type=_positive_float, help="latency budget on the device")
     target.add_argument(

@@ -68,6 +68,9 @@ class PruneConfig:
     out: str
     device: str = "cpu"
     device_url: str | None = None  # measure through the agent there (else env / config)
+    # ONNX Runtime's threads on the device (None: the device's own, every core). On a
+    # shared 2-core VM one thread times steadily where two do not (bench/timing_noise.py).
+    threads: int | None = None
     checkpoint: str | None = None
     budget_ms: float | None = None
     # the budget as a fraction of the dense model's latency measured in this run
@@ -123,6 +126,8 @@ class PruneConfig:
             raise DeepLSPError(f"--budget-ratio must be in (0, 1] (got {self.budget_ratio})")
         if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
             raise DeepLSPError(f"--keep-ratio must be in (0, 1] (got {self.keep_ratio})")
+        if self.threads is not None and self.threads < 1:
+            raise DeepLSPError(f"--threads must be >= 1 (got {self.threads})")
         if not self.latency_weight >= 0:
             raise DeepLSPError(f"latency_weight must be >= 0 (got {self.latency_weight})")
         if isinstance(self.amount, str):
@@ -642,6 +647,13 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     stages = _Stages()
     out = Path(cfg.out)
     device = resolve_device(cfg.device, cfg.device_url)
+    if cfg.threads is not None:
+        if device.backend != "onnxruntime":
+            raise DeepLSPError(
+                f"--threads sets ONNX Runtime's threads; device {device.name!r} runs "
+                f"{device.backend} (use a cpu device, or leave --threads out)"
+            )
+        device = replace(device, threads=cfg.threads)
     entry = get_dataset(cfg.dataset)
     build = entry.model_args()
     shape = (device.batch, *input_shape(build))

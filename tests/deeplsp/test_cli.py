@@ -199,6 +199,7 @@ def test_prune_choices_match_the_pruner():
     args = build_parser().parse_args(
         ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--budget-ms", "1"]
     )
+    assert args.threads is PruneConfig.threads  # the device's own unless asked
     assert (args.importance, args.selection, args.allocation, args.timing) == (
         PruneConfig.importance,
         PruneConfig.selection,
@@ -215,3 +216,21 @@ def test_prune_choices_match_the_pruner():
     assert set(choices["selection"]) == set(SELECTIONS)
     assert set(choices["allocation"]) == set(ALLOCATIONS)
     assert set(choices["timing"]) == set(TIMINGS)
+
+
+def test_prune_passes_threads_to_the_pruner(capsys, monkeypatch):
+    import deeplsp.pruner as pruner
+    from deeplsp.errors import DeepLSPError
+
+    seen = []
+
+    def fake_prune(cfg):
+        seen.append(cfg)
+        raise DeepLSPError("stop here")
+
+    monkeypatch.setattr(pruner, "prune", fake_prune)
+    argv = ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--budget-ms", "1"]
+    code, _, err = _run(capsys, *argv, "--threads", "1")
+    assert code == 2 and "stop here" in err and seen[0].threads == 1
+    code, _, err = _run(capsys, *argv, "--threads", "0")
+    assert code == 2 and "--threads" in err and len(seen) == 1

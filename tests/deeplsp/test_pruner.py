@@ -15,6 +15,7 @@ from deeplsp.checkpoint import load_checkpoint
 from deeplsp.errors import DeepLSPError
 from deeplsp.models import MODELS, ModelEntry
 from deeplsp.pruner import PruneConfig, prune
+from devices import get_device
 from export import export_onnx
 from profiling.counting import count_onnx, count_torch
 from profiling.latency_table import Calibration, LatencyTable
@@ -778,3 +779,22 @@ def test_a_timing_the_search_could_accept_is_never_trusted_alone(tmp_path):
     assert prune_mod._doubtful(1.08, 1.08, cfg)  # a near miss
     assert not prune_mod._doubtful(1.30, 1.25, cfg)  # clearly over, as predicted
     assert prune_mod._doubtful(1.30, 0.90, cfg)  # far off its prediction
+
+
+def test_threads_set_the_devices_onnx_runtime_threads(tmp_path, tiny, fashionmnist_dir):
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.6, finetune_epochs=0, threads=1)
+    r = prune(cfg, log=lambda s: None)
+    assert r["fingerprint"]["cores"] == 1 and r["config"]["threads"] == 1
+    # another thread count is another device: its own fingerprint, so its own table rows
+    other = prune(replace(cfg, threads=2), log=lambda s: None)
+    assert other["fingerprint"]["id"] != r["fingerprint"]["id"]
+
+
+def test_threads_are_checked(tmp_path, monkeypatch):
+    with pytest.raises(DeepLSPError, match=r"--threads must be >= 1 \(got 0\)"):
+        PruneConfig(model="m", dataset="d", out=str(tmp_path), keep_ratio=0.5, threads=0)
+    monkeypatch.setattr(prune_mod, "resolve_device", lambda name, url: get_device("gpu"))
+    cfg = PruneConfig(model="resnet18", dataset="fashionmnist", out=str(tmp_path), budget_ms=5,
+                      device="gpu", threads=1)  # fmt: skip
+    with pytest.raises(DeepLSPError, match="--threads sets ONNX Runtime's threads; device 'gpu' "):
+        prune(cfg, log=lambda s: None)
