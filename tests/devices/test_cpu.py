@@ -1,5 +1,7 @@
 """The cpu device's channel multiple follows ONNX Runtime's NCHWc block on this CPU."""
 
+import pytest
+
 from devices.cpu import cpu_flags, nchwc_block
 
 X86_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
@@ -20,6 +22,7 @@ def test_block_is_16_with_avx512f_else_8():
     assert nchwc_block(set()) == 8
 
 
+@pytest.mark.host_cpu
 def test_the_cpu_device_rounds_to_this_machines_block():
     from devices import DEVICES
 

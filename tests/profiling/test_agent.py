@@ -26,6 +26,10 @@ from profiling import target
 from profiling.agent import _is_loopback, create_app, generate_token, load_agent_token, serve
 from profiling.runner import LatencyStats
 
+# The agent serves from another process, where the cpu device keeps this host's channel
+# multiple: so do these tests.
+pytestmark = pytest.mark.host_cpu
+
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -32,6 +32,10 @@ from profiling.runner import LatencyStats
 from tests.profiling import test_agent as shared
 from tests.profiling.test_agent import TOKEN, AgentServer, in_thread
 
+# The agent serves from another process, where the cpu device keeps this host's channel
+# multiple: so do these tests.
+pytestmark = pytest.mark.host_cpu
+
 # The agent fixtures of test_agent.py (a real agent on a free local port), not copied.
 agent, start_agent = shared.agent, shared.start_agent
 model, blocked_measure = shared.model, shared.blocked_measure
