@@ -359,6 +359,14 @@ def allocate_coupled(
     return best, summed_loss(sens, best)
 
 
+def removed_importance(scores: dict[str, torch.Tensor], keeps: dict[str, int]) -> float:
+    """The threshold rule's objective for one network: the normalised importance of the
+    channels it removes (each group drops its lowest first)."""
+    return sum(
+        float(torch.sort(scores[g]).values[: len(scores[g]) - k].sum()) for g, k in keeps.items()
+    )
+
+
 def allocate_threshold(
     candidates: dict[str, list[int]],
     scores: dict[str, torch.Tensor],
@@ -366,14 +374,13 @@ def allocate_threshold(
 ) -> dict[str, int] | None:
     """--allocation threshold: every group keeps its channels whose importance (divided by
     the group's mean, `channel_scores`) reaches one global threshold, rounded up to a
-    candidate count; the threshold is the lowest whose network `fits`. Global pruning's
+    candidate count (in the pipeline every multiple of the device's channel multiple,
+    `every_multiple`); the threshold is the lowest whose network `fits`. Global pruning's
     rule, aimed at a latency instead of a channel count. On MobileNetV3-L at 30% of the
-    dense latency it fine-tuned to 46-52% top-1 where the knapsack's answer, at the same
-    table budget, reached 29-30%: the knapsack takes whatever the table rates cheapest
-    and the sensitivity sums say least harm, and at that depth both are far off (the
-    answer cut a residual trunk from 112 channels to 8). At 50-70% it trailed the knapsack
-    (bench/README.md, session 7), so it is an option. None when even every group at its
-    smallest candidate does not fit."""
+    dense latency, over two sweeps of three fine-tuning seeds each, it reached 42-48% top-1
+    with every multiple as a candidate and 16-17% rounded up to the 8 ratio candidates
+    (the knapsack: 28-45%, global Taylor 43-49%); at 50% all four tie (bench/README.md,
+    session 8). None when even every group at its smallest candidate does not fit."""
 
     def keeps_at(tau: float) -> dict[str, int]:
         out = {}
@@ -460,6 +467,10 @@ class Selector:
         return prune_groups(copy.deepcopy(self.dense), self.shape, keeps, order=self.order)
 
     def cost(self, keeps: dict[str, int]) -> float:
+        """The allocation's own objective: summed loss increase, or, for the threshold
+        rule, the importance removed."""
+        if self.threshold is not None:
+            return removed_importance(self.threshold, keeps)
         return summed_loss(self.sens, keeps)
 
     def adapted(self, keeps: dict[str, int]) -> float | None:
@@ -635,6 +646,12 @@ def candidate_keeps(groups: list[ChannelGroup], ratios, multiple: int) -> dict[s
     }
 
 
+def every_multiple(groups: list[ChannelGroup], multiple: int) -> dict[str, list[int]]:
+    """Every channel count the device's multiple allows: the threshold rule's candidates.
+    It needs no sensitivity scan, only table rows, so it can afford them all."""
+    return {g.id: sorted({*range(multiple, g.channels, multiple), g.channels}) for g in groups}
+
+
 def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     """Run DeepLSP end to end; returns the report (also written to `cfg.out`)."""
     with tempfile.TemporaryDirectory(prefix="deeplsp-") as work:
@@ -698,7 +715,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
 
     # 2. groups and candidates, 3. sensitivity on real data
     groups = find_groups(dense, shape)
-    candidates = candidate_keeps(groups, cfg.ratios, device.channel_multiple)
+    multiple = device.channel_multiple
+    candidates = candidate_keeps(groups, cfg.ratios, multiple)
     batches = calibration_batches(
         cfg.dataset, cfg.data_dir, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
     )
@@ -743,6 +761,10 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
         full = {g.id: g.channels for g in groups}
         dense_sum = stages.run("latency table", lat.table_sum, full)
+        # The knapsack chooses among the candidates it has sensitivities for; the
+        # threshold rule needs none, so it chooses among every count the device allows.
+        threshold = scores if cfg.allocation == "threshold" else None
+        choices = candidates if threshold is None else every_multiple(groups, multiple)
         calib, small_ms = stages.run(
             "measure",
             calibrate,
@@ -750,7 +772,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             dense,
             shape,
             timing,
-            candidates,
+            choices,
             dense_ms,
             order,
         )
@@ -759,9 +781,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         chosen: Candidate | None = None
         status = ""
         if cfg.keep_ratio is not None:
-            threshold = scores if cfg.allocation == "threshold" else None
             keeps, _ = allocate_channels(
-                groups, candidates, sens, cfg.keep_ratio, lat, cfg.latency_weight, threshold
+                groups, choices, sens, cfg.keep_ratio, lat, cfg.latency_weight, threshold
             )
             if threshold is not None:
                 how = f"one global {cfg.importance} importance threshold"
@@ -771,7 +792,9 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 keeps,
                 lat.table_sum(keeps),
                 calib.predict(lat.table_sum(keeps)),
-                cost=summed_loss(sens, keeps),
+                cost=summed_loss(sens, keeps)
+                if threshold is None
+                else removed_importance(threshold, keeps),
                 note=f"keep ratio {cfg.keep_ratio}",
             )
             history.append(chosen)
@@ -785,10 +808,15 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             )
         else:
             if cfg.budget_ms < small_ms:
+                smallest = (
+                    f"{min(cfg.ratios):.0%} of channels"
+                    if threshold is None
+                    else f"{multiple} channels"
+                )
                 raise DeepLSPError(
                     f"budget {cfg.budget_ms:g} ms is below the smallest reachable latency: "
                     f"{small_ms:.3f} ms measured with every group at its smallest candidate "
-                    f"({min(cfg.ratios):.0%} of channels) on {device.name}"
+                    f"({smallest}) on {device.name}"
                 )
             chosen, status = stages.run(
                 "search",
@@ -797,7 +825,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 shape,
                 timing,
                 lat,
-                candidates,
+                choices,
                 sens,
                 calib,
                 history,
@@ -808,13 +836,13 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                     shape,
                     order,
                     lat,
-                    candidates,
+                    choices,
                     sens,
                     cost_tables(sens, scores, candidates)
                     if cfg.selection == "adaptive-bn"
                     else {1.0: sens},
                     abn_batches(cfg) if cfg.selection == "adaptive-bn" else None,
-                    scores if cfg.allocation == "threshold" else None,
+                    threshold,
                 ),
             )
         table_stats = table.stats
@@ -903,7 +931,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 "channels": g.channels,
                 "keep": chosen.keeps[g.id],
                 "ratio": chosen.keeps[g.id] / g.channels,
-                "sensitivity": sens[g.id].get(chosen.keeps[g.id], 0.0),
+                # None where the count was not scanned (the threshold rule's counts)
+                "sensitivity": sens[g.id].get(chosen.keeps[g.id]),
             }
             for g in groups
         ],
@@ -1024,7 +1053,12 @@ def _closed_loop(cfg, shape, timing, lat, candidates, sens, calib, history, log,
             keeps, blend, chose = smallest, 1.0, ""
         from_knapsack = True
         points = _measured(bounds, history)
-        repeat = any(p[0] == keeps for p in points)
+        # The smallest network, timed once within the goal by the calibration, is still a
+        # candidate to time here (a budget just above it used to end the search empty).
+        untried = (
+            keeps == smallest and ends[1] <= goal_ms and all(c.keeps != keeps for c in history)
+        )
+        repeat = not untried and any(p[0] == keeps for p in points)
         # Two misses on the same side: the curve keeps one far end (regula falsi's
         # stall: a MobileNetV3-L search stayed 3-30% over the band for 6 iterations).
         stuck = len(history) >= 2 and len({_side(c, floor_ms, goal_ms) for c in history[-2:]}) == 1

@@ -9,6 +9,10 @@ from tabulate import tabulate
 from deeplsp.atomic import atomic_path, write_json, write_text
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _ms(stats: dict) -> str:
     return f"{stats['median']:.3f} / {stats['p90']:.3f}"
 
@@ -85,7 +89,7 @@ def markdown(report: dict) -> str:
     lines += [
         tabulate(
             [
-                (g["id"], g["channels"], g["keep"], f"{g['ratio']:.2f}", f"{g['sensitivity']:.4f}")
+                (g["id"], g["channels"], g["keep"], f"{g['ratio']:.2f}", _num(g["sensitivity"]))
                 for g in report["groups"]
             ],
             headers=("group", "channels", "kept", "ratio", "loss increase"),
@@ -93,6 +97,7 @@ def markdown(report: dict) -> str:
         ),
         "",
     ]
+    threshold = cfg.get("allocation") == "threshold"
     lines += ["## Search (each candidate exported and measured on the device)", ""]
     lines += [
         tabulate(
@@ -110,7 +115,7 @@ def markdown(report: dict) -> str:
                 "candidate",
                 "predicted ms",
                 "measured ms",
-                "sensitivity",
+                "importance removed" if threshold else "loss increase",
                 "adaptive-BN loss",
             ),
             tablefmt="github",

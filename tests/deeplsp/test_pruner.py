@@ -4,6 +4,7 @@ stand-in for the device clock (tests never assert wall-clock times)."""
 import copy
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from deeplsp.checkpoint import load_checkpoint
 from deeplsp.errors import DeepLSPError
 from deeplsp.models import MODELS, ModelEntry
 from deeplsp.pruner import PruneConfig, prune
+from deeplsp.structure import find_groups, prune_groups
 from devices import get_device
 from export import export_onnx
 from profiling.counting import count_onnx, count_torch
@@ -82,6 +84,7 @@ def tiny(monkeypatch, tmp_path):
 
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
     monkeypatch.setattr(prune_mod.Timing, "time", fake_time)
+
     monkeypatch.setattr(
         prune_mod,
         "LatencyTable",
@@ -624,6 +627,15 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
     assert any("no candidate left between measured networks" in s for s in lines)
 
 
+def test_a_budget_just_above_the_smallest_network_delivers_it(tmp_path, tiny, fashionmnist_dir):
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
+    small_ms = prune(cfg, log=lambda s: None)["calibration"]["fit_points"][-1][1]
+    # the aim (the band's middle) lies below the smallest network, which fits the goal
+    r = prune(replace(cfg, budget_ms=small_ms / 0.9), log=lambda s: None)
+    assert len(r["search"]) == 1 and r["pruned"]["latency_ms"]["median"] <= small_ms / 0.9
+    assert [g["keep"] for g in r["groups"]] == [8, 8, 8]  # every group at 25% of 16 / 32
+
+
 def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
     tmp_path, tiny, fashionmnist_dir, monkeypatch
 ):
@@ -755,6 +767,38 @@ def test_threshold_allocation_runs_end_to_end(tmp_path, tiny, fashionmnist_dir, 
         assert "importance threshold" in r["status"]
     assert min(keeps[g["id"]] / g["channels"] for g in r["groups"]) < 1.0
     assert r["config"]["allocation"] == "threshold"
+
+
+def test_the_threshold_rule_chooses_among_every_multiple_of_the_channel_multiple(
+    tmp_path, tiny, fashionmnist_dir
+):
+    """The knapsack chooses among the scanned ratios (here 100% and 50%); the threshold rule
+    among every multiple of 8, so it reaches a budget below the knapsack's smallest network."""
+    assert prune_mod.every_multiple(find_groups(TinyNet(10, 1, 32), (1, 1, 32, 32)), 8) == {
+        "features.0": [8, 16],
+        "features.3": [8, 16, 24, 32],
+        "features.6": [8, 16, 24, 32],
+    }
+
+    def clock(keeps):  # the tiny fixture's clock for that network
+        net = prune_groups(TinyNet(10, 1, 32), (1, 1, 32, 32), keeps)
+        return 0.05 + 1e-6 * count_torch(net, (1, 1, 32, 32)).macs
+
+    halves = clock({"features.0": 8, "features.3": 16, "features.6": 16})
+    eights = clock({"features.0": 8, "features.3": 8, "features.6": 8})
+    budget = eights / 0.9
+    assert budget < halves  # out of the knapsack's reach
+    kw = dict(ratios=(1.0, 0.5), finetune_epochs=0, budget_ms=budget)
+    with pytest.raises(DeepLSPError, match="below the smallest reachable latency"):
+        prune(_cfg(tmp_path, fashionmnist_dir, **kw), log=lambda s: None)
+    r = prune(_cfg(tmp_path, fashionmnist_dir, allocation="threshold", **kw), log=lambda s: None)
+    assert r["pruned"]["latency_ms"]["median"] <= budget
+    assert {g["id"]: g["keep"] for g in r["groups"]}["features.3"] == 8
+    # 8 of 32 channels was never scanned: no loss increase to report, and none made up
+    assert {g["id"]: g["sensitivity"] for g in r["groups"]}["features.3"] is None
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert re.search(r"\| features\.3 +\| +32 \| +8 \| +0\.25 \| - ", md)
+    assert "importance removed" in md
 
 
 @pytest.mark.parametrize(
