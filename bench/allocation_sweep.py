@@ -34,13 +34,11 @@ import statistics
 from dataclasses import replace
 
 import numpy as np
-from prune_budget import HERE, SHAPE, finetune_and_eval, global_taylor
+from prune_budget import HERE, SHAPE, dense_checkpoint, finetune_and_eval, global_taylor
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
-from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import calibration_batches, load_split, make_loader
-from deeplsp.pipeline import train_dense
 from deeplsp.pruner import (
     RATIOS,
     LatencyModel,
@@ -54,7 +52,7 @@ from deeplsp.pruner import (
 )
 from deeplsp.sensitivity import cached_sensitivity
 from deeplsp.structure import channel_scores, find_groups, order_of, prune_groups
-from deeplsp.training import evaluate, short_budget
+from deeplsp.training import evaluate
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
@@ -74,17 +72,7 @@ def main() -> None:
 
     device = get_device("cpu")
     name = args.model
-    ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{args.dense_epochs}.pt"
-    if not ckpt.is_file():
-        train_dense(
-            name,
-            "fashionmnist",
-            ckpt,
-            short_budget(args.dense_epochs),
-            train_subset=args.train_subset,
-            test_subset=args.test_subset,
-        )
-    dense = load_checkpoint(ckpt).build_model().eval()
+    _, dense = dense_checkpoint(name, args)
     loader = make_loader(
         load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
     )

@@ -118,6 +118,22 @@ def fit_to_budget(make, budget, timing, step=0.05, refine=3):
     return best
 
 
+def dense_checkpoint(name, args):
+    """The bench's dense model (path, model): trained once on `args.train_subset` images
+    for `args.dense_epochs` epochs, then cached in bench/cache/."""
+    ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{args.dense_epochs}.pt"
+    if not ckpt.is_file():
+        train_dense(
+            name,
+            "fashionmnist",
+            ckpt,
+            short_budget(args.dense_epochs),
+            train_subset=args.train_subset,
+            test_subset=args.test_subset,
+        )
+    return ckpt, load_checkpoint(ckpt).build_model().eval()
+
+
 def finetune_and_eval(model, dense, cfg, test_loader):
     finetune(model, dense, {}, cfg)  # DeepLSP's own fine-tuning, same config
     return evaluate(model.eval(), test_loader, "cpu")["top1"]
@@ -158,17 +174,7 @@ def main() -> None:
 
 def run(args, device, work, rows, test_loader, batches) -> None:
     for name in args.models.split(","):
-        ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{args.dense_epochs}.pt"
-        if not ckpt.is_file():
-            train_dense(
-                name,
-                "fashionmnist",
-                ckpt,
-                short_budget(args.dense_epochs),
-                train_subset=args.train_subset,
-                test_subset=args.test_subset,
-            )
-        dense = load_checkpoint(ckpt).build_model().eval()
+        ckpt, dense = dense_checkpoint(name, args)
         dense_onnx = work / f"{name}-dense.onnx"
         timing = Timing(device, 10, args.iters)
         dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
