@@ -69,7 +69,8 @@ class PruneConfig:
     device: str = "cpu"
     device_url: str | None = None  # measure through the agent there (else env / config)
     # ONNX Runtime's threads on the device (None: the device's own, every core). On a
-    # shared 2-core VM one thread times steadily where two do not (bench/timing_noise.py).
+    # shared 2-core VM the second core comes and goes, and a ratio to the dense model
+    # does not cancel that; one thread does not depend on it (bench/README.md, session 8).
     threads: int | None = None
     checkpoint: str | None = None
     budget_ms: float | None = None
@@ -377,10 +378,11 @@ def allocate_threshold(
     candidate count (in the pipeline every multiple of the device's channel multiple,
     `every_multiple`); the threshold is the lowest whose network `fits`. Global pruning's
     rule, aimed at a latency instead of a channel count. On MobileNetV3-L at 30% of the
-    dense latency, over two sweeps of three fine-tuning seeds each, it reached 42-48% top-1
-    with every multiple as a candidate and 16-17% rounded up to the 8 ratio candidates
-    (the knapsack: 28-45%, global Taylor 43-49%); at 50% all four tie (bench/README.md,
-    session 8). None when even every group at its smallest candidate does not fit."""
+    dense latency, at equal measured latency over three fine-tuning seeds, it reached
+    47.8% top-1 with every multiple as a candidate and 16.0% rounded up to the 8 ratio
+    candidates (knapsack 28.2%, global Taylor 43.1%); at 50% all four tie
+    (bench/allocation_sweep.py, bench/README.md session 8). None when even every group at
+    its smallest candidate does not fit."""
 
     def keeps_at(tau: float) -> dict[str, int]:
         out = {}
