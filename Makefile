@@ -31,14 +31,14 @@ fashion-mnist:
 		|| echo "warning: could not install dataset-fashion-mnist; the demo needs it"
 
 # The main job on the embedded default: ResNet-18 on real Fashion-MNIST, `cpu` device:
-# a short dense training, then DeepLSP prunes it to a 5 ms budget measured with ONNX Runtime.
-DEMO_BUDGET_MS ?= 5
+# a short dense training, then DeepLSP prunes it to 60% of its latency measured with ONNX Runtime.
+DEMO_BUDGET_RATIO ?= 0.6
 demo: install
 	$(BIN)/deeplsp train --model resnet18 --dataset fashionmnist --epochs 1 \
 		--train-subset 6000 --test-subset 2000 --batch-size 64 \
 		--optimizer adamw --lr 1e-3 --weight-decay 0.05 --out $(DEMO_DIR)/dense.pt
 	$(BIN)/deeplsp prune --model resnet18 --dataset fashionmnist --checkpoint $(DEMO_DIR)/dense.pt \
-		--device cpu --budget-ms $(DEMO_BUDGET_MS) --amount 0.05 --quick --out $(DEMO_DIR)/pruned
+		--device cpu --budget-ratio $(DEMO_BUDGET_RATIO) --amount 0.05 --quick --out $(DEMO_DIR)/pruned
 
 test: install
 	$(BIN)/python -m pytest
