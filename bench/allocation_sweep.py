@@ -30,11 +30,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 from dataclasses import replace
 
 import numpy as np
-from prune_budget import HERE, SHAPE, dense_checkpoint, finetune_and_eval, global_taylor
+from prune_budget import (
+    HERE,
+    SHAPE,
+    dense_checkpoint,
+    finetune_and_eval,
+    global_taylor,
+    timed_near,
+)
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
@@ -122,14 +128,8 @@ def main() -> None:
     }
     sweep_rows, rows = [], []
 
-    def timed(net) -> float:
-        ratio = measure_model(net, SHAPE, timing)["latency"]["median"] / dense_ms
-        if ratio <= max(targets) * 1.15:  # near a target: the median of three decides
-            more = [measure_model(net, SHAPE, timing)["latency"]["median"] / dense_ms]
-            more.append(measure_model(net, SHAPE, timing)["latency"]["median"] / dense_ms)
-            ratio = statistics.median([ratio, *more])
-        return ratio
-
+    fp = fingerprint(device)
+    dense_top1 = evaluate(dense, loader, "cpu")["top1"]
     for rule, make in rules.items():
         if rule == "global Taylor":
             knobs = [round(1 - 0.05 * i, 2) for i in range(1, 20)]
@@ -144,7 +144,7 @@ def main() -> None:
                 continue
             if net is None:
                 continue
-            ratio = timed(net)
+            ratio = timed_near(net, timing, max(targets) * dense_ms) / dense_ms
             macs = count_torch(net, SHAPE).macs
             family.append((knob, ratio, macs, net))
             sweep_rows.append(
@@ -173,8 +173,6 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
         rows.sort(key=lambda r: (r["target"], r["rule"]))
-        fp = fingerprint(device)
-        dense_top1 = evaluate(dense, loader, "cpu")["top1"]
         write_json(
             HERE / "results" / f"{args.results}.json",
             {"fingerprint": fp, "args": vars(args), "rows": rows, "sweep": sweep_rows},

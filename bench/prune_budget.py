@@ -84,6 +84,15 @@ def global_taylor(dense, ratio, batches, multiple):
     return model
 
 
+def timed_near(model, timing, limit_ms) -> float:
+    """The model's latency: one timing, or, within 15% of `limit_ms` (near enough that
+    noise could decide), the median of three."""
+    runs = [measure_model(model, SHAPE, timing)["latency"]["median"]]
+    if runs[0] <= limit_ms * 1.15:
+        runs += [measure_model(model, SHAPE, timing)["latency"]["median"] for _ in range(2)]
+    return sorted(runs)[len(runs) // 2]
+
+
 def fit_to_budget(make, budget, timing, step=0.05, refine=3):
     """The largest keep ratio whose network measures within the budget: a grid from the
     top down, then `refine` bisection steps above the grid point found; a network counts
@@ -94,10 +103,7 @@ def fit_to_budget(make, budget, timing, step=0.05, refine=3):
 
     def timed(ratio):
         model = make(ratio)
-        runs = [measure_model(model, SHAPE, timing)["latency"]["median"]]
-        if runs[0] <= budget * 1.15:  # near enough that noise could decide: time it twice more
-            runs += [measure_model(model, SHAPE, timing)["latency"]["median"] for _ in range(2)]
-        return model, sorted(runs)[len(runs) // 2], ratio
+        return model, timed_near(model, timing, budget), ratio
 
     grid = [round(1 - i * step, 6) for i in range(int(round(1 / step)))]
     tried = []

@@ -783,7 +783,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         chosen: Candidate | None = None
         status = ""
         if cfg.keep_ratio is not None:
-            keeps, _ = allocate_channels(
+            keeps, cost = allocate_channels(
                 groups, choices, sens, cfg.keep_ratio, lat, cfg.latency_weight, threshold
             )
             if threshold is not None:
@@ -794,9 +794,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 keeps,
                 lat.table_sum(keeps),
                 calib.predict(lat.table_sum(keeps)),
-                cost=summed_loss(sens, keeps)
-                if threshold is None
-                else removed_importance(threshold, keeps),
+                cost=cost,
                 note=f"keep ratio {cfg.keep_ratio}",
             )
             history.append(chosen)
@@ -984,7 +982,7 @@ def allocate_channels(
         )
         if keeps is None:
             raise too_few
-        return keeps, summed_loss(sens, keeps)
+        return keeps, removed_importance(threshold, keeps)
     full = {g: max(c) for g, c in candidates.items()}
     per, _ = lat.options(full, candidates)
     sens_range = sum(max(sens[g].values()) - min(sens[g].values()) for g in candidates)

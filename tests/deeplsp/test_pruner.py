@@ -84,7 +84,6 @@ def tiny(monkeypatch, tmp_path):
 
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
     monkeypatch.setattr(prune_mod.Timing, "time", fake_time)
-
     monkeypatch.setattr(
         prune_mod,
         "LatencyTable",
