@@ -4,7 +4,8 @@ latency table costs to build.
 For each model at the Fashion-MNIST shape (1x32x32; fresh weights: latency does
 not depend on weight values), N random pruned variants (every group at a random
 candidate keep count, 8 ratios) are predicted from the per-layer table with the
-pipeline's calibration (dense, middle and smallest candidates) and then pruned
+pipeline's calibration (its five measured networks, which also fit the cost per
+weight element that the table does not see) and then pruned
 for real, exported and measured on the `cpu` device (median of the middle of
 three timed windows, as the pipeline does). Reports the share within +-10%, and
 the table's cold (empty cache) and warm build times.
@@ -83,6 +84,7 @@ def _summary(name: str, rows: list[dict], meta: dict) -> dict:
         "median_abs_error": f"{statistics.median(abs_err):.1%}",
         "remeasure_median_abs_diff": f"{statistics.median(noise):.1%}",
         "p90_abs_error": f"{abs_err[int(0.9 * (len(abs_err) - 1))]:.1%}",
+        "weight_cost_per_M": round(1e6 * rows[-1]["calibration"].get("weight_cost", 0.0), 4),
         "dense_ms": round(meta["dense_ms"], 3),
         "smallest_ms": round(meta["smallest_ms"], 3),
         "table_rows": meta["table"]["rows"],
@@ -142,6 +144,7 @@ def main() -> None:
                 if i < len(entry["variants"]):
                     continue  # measured in an earlier run (same seed: same variant)
                 predicted = calib.predict(lat.table_sum(keeps))
+                table_ms, weights = lat.parts(keeps)
                 pruned = prune_groups(copy.deepcopy(model), shape, keeps)
                 onnx_path = Path(tmp) / "variant.onnx"
                 measured = measure_model(pruned, shape, timing, onnx_path)["latency"]["median"]
@@ -155,7 +158,9 @@ def main() -> None:
                         "measured_ms": measured,
                         "remeasured_ms": again,
                         "rel_error": err,
-                        "calibration": calib.to_dict(),
+                        "table_ms": table_ms,
+                        "weights": weights,
+                        "calibration": {**calib.to_dict(), "weight_cost": lat.weight_cost},
                     }
                 )
                 write_results(state, args)  # kept as soon as measured
@@ -187,7 +192,9 @@ def write_results(state: dict, args) -> None:
         f"{fp['runtime']['onnxruntime']})\n\n"
         f"Random pruned variants (`variants` per model; every group at one of 8 candidate "
         f"ratios), input 1x32x32, batch 1. Predicted: per-layer table sum (layers timed in a "
-        f"fresh process), calibrated on the dense, middle and smallest candidates. Measured: "
+        f"fresh process) plus `weight_cost_per_M` table ms per million weights, calibrated "
+        f"on the pipeline's measured networks (dense, middle, smallest, and two tilted ones "
+        f"that fit the weight cost; earlier runs without the cost: three). Measured: "
         f"exported ONNX in a fresh process, {how}. Every "
         f"variant measured twice, independently: `remeasured_within_10pct` is the share of "
         f"second measurements within 10% of the first, the ceiling for any predictor on this "

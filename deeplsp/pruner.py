@@ -46,7 +46,13 @@ from devices import DeviceSpec, resolve_device
 from export import export_onnx
 from profiling import target
 from profiling.counting import count_torch
-from profiling.latency_table import Calibration, LatencyTable, LayerSig, default_cache_path
+from profiling.latency_table import (
+    Calibration,
+    LatencyTable,
+    LayerSig,
+    default_cache_path,
+    fit_weight_cost,
+)
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
@@ -228,7 +234,8 @@ class _Stages:
 # -- latency model -------------------------------------------------------------
 class LatencyModel:
     """A pruned network's latency as the sum of its layers' latencies in the device's table
-    (in table units; `Calibration` maps the sum to measured milliseconds)."""
+    plus `weight_cost` per weight element (in table units; `Calibration` maps the sum to
+    measured milliseconds). `calibrate` measures the weight cost; until then it is 0."""
 
     def __init__(
         self,
@@ -236,8 +243,10 @@ class LatencyModel:
         shape: tuple[int, ...],
         groups: list[ChannelGroup],
         table: LatencyTable,
+        weight_cost: float = 0.0,
     ) -> None:
         self.table = table
+        self.weight_cost = weight_cost
         self.channels = {g.id: g.channels for g in groups}
         self.links: list[LayerLink] = layer_links(model, groups)
         self.sigs: dict[str, LayerSig] = {}
@@ -272,10 +281,19 @@ class LatencyModel:
             self._scaled(sig.out_channels, link.out_group, keeps),
         )
 
+    def _cost(self, sig: LayerSig, got: dict[LayerSig, float]) -> float:
+        return got[sig] + self.weight_cost * sig.weights
+
     def table_sum(self, keeps: dict[str, int]) -> float:
         sigs = [self.sig_at(lk, keeps) for lk in self.links]
         got = self.table.get_many(sigs, desc="latency table")
-        return sum(got[s] for s in sigs)
+        return sum(self._cost(s, got) for s in sigs)
+
+    def parts(self, keeps: dict[str, int]) -> tuple[float, int]:
+        """(the table's own sum, weight elements): what `table_sum` adds up."""
+        sigs = [self.sig_at(lk, keeps) for lk in self.links]
+        got = self.table.get_many(sigs, desc="latency table")
+        return sum(got[s] for s in sigs), sum(s.weights for s in sigs)
 
     def options(
         self, keeps: dict[str, int], candidates: dict[str, list[int]]
@@ -295,10 +313,10 @@ class LatencyModel:
         base = 0.0
         for lk in self.links:
             if lk.out_group is None or lk.out_group not in candidates:
-                base += got[self.sig_at(lk, keeps)]
+                base += self._cost(self.sig_at(lk, keeps), got)
                 continue
             for k in candidates[lk.out_group]:
-                per[lk.out_group][k] += got[self.sig_at(lk, {**keeps, lk.out_group: k})]
+                per[lk.out_group][k] += self._cost(self.sig_at(lk, {**keeps, lk.out_group: k}), got)
         return per, base
 
 
@@ -566,8 +584,9 @@ def calibrate(
     dense_ms: float,
     order: dict[str, list[int]] | None = None,
 ) -> tuple[Calibration, float]:
-    """Fit table sum -> measured latency on three measured models: the dense one (measured
-    as `dense_ms`), every group at its middle candidate, and every group at its smallest.
+    """Fit table sum -> measured latency on five measured models: the dense one (measured
+    as `dense_ms`), every group at its middle candidate, every group at its smallest, and
+    the two `tilted` networks, which set `lat.weight_cost` (see `fit_weight_cost`).
 
     The middle point matters: on the CPU the relation is not a straight line between the
     two ends (mid-sized networks measure slower than that line says). Returns the
@@ -576,12 +595,45 @@ def calibrate(
     full = {g: max(c) for g, c in candidates.items()}
     middle = {g: sorted(c)[len(c) // 2] for g, c in candidates.items()}
     smallest = {g: min(c) for g, c in candidates.items()}
-    sums, measured = [lat.table_sum(full)], [dense_ms]
-    for keeps in (middle, smallest):
+    nets = [full, middle, smallest, *tilted(lat, candidates)]
+    measured = [dense_ms]
+    for i, keeps in enumerate(nets[1:], start=1):
+        if keeps in nets[:i]:  # a net with one group: a tilted network is an end
+            measured.append(measured[nets.index(keeps)])
+            continue
         model = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
         measured.append(measure_model(model, shape, timing)["latency"]["median"])
-        sums.append(lat.table_sum(keeps))
-    return Calibration.fit(sums, measured), measured[-1]
+    lat.weight_cost = 0.0
+    points = [(*lat.parts(k), ms) for k, ms in zip(nets, measured, strict=True)]
+    lat.weight_cost = fit_weight_cost(points[:3], points[3:])
+    sums = [lat.table_sum(k) for k in nets]
+    return Calibration.fit(sums, measured), measured[2]
+
+
+def tilted(
+    lat: LatencyModel, candidates: dict[str, list[int]]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Two networks whose weights differ most from a uniform network's of about the same
+    table sum: the groups that read the most weights per table ms (about half the dense
+    table sum) at their smallest and the rest whole, and the reverse."""
+    full = {g: max(c) for g, c in candidates.items()}
+    sigs = {lk.name: lat.sig_at(lk, full) for lk in lat.links}
+    got = lat.table.get_many(sigs.values(), desc="latency table")
+    table_ms = dict.fromkeys(candidates, 0.0)
+    weights = dict.fromkeys(candidates, 0)
+    for lk in lat.links:
+        if lk.out_group in candidates:
+            table_ms[lk.out_group] += got[sigs[lk.name]]
+            weights[lk.out_group] += sigs[lk.name].weights
+    by_weight = sorted(candidates, key=lambda g: -weights[g] / max(table_ms[g], 1e-12))
+    heavy: set[str] = set()
+    for g in by_weight:
+        if sum(table_ms[h] for h in heavy) >= sum(table_ms.values()) / 2:
+            break
+        heavy.add(g)
+    cut = {g: min(c) if g in heavy else max(c) for g, c in candidates.items()}
+    kept = {g: max(c) if g in heavy else min(c) for g, c in candidates.items()}
+    return cut, kept
 
 
 # -- unstructured stage -------------------------------------------------------------
@@ -938,7 +990,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         ],
         "unstructured": {"amount": cfg.amount, "per_layer": amounts},
         "timing": {"mode": cfg.timing, "rounds": cfg.timing_rounds, "dense_ms": dense_ms},
-        "calibration": calib.to_dict(),
+        "calibration": {**calib.to_dict(), "weight_cost": lat.weight_cost},
         "search": [c.to_dict() for c in history],
         "latency_table": {**table_stats, "new_rows": table_stats["rows"] - rows_before},
         "sensitivity_cached": sens_cached,

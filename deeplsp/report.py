@@ -131,10 +131,13 @@ def markdown(report: dict) -> str:
         "## Latency model",
         "",
         f"Per-layer table: {lt['rows']} rows for this device ({lt['new_rows']} measured in "
-        f"this run; {lt['hits']} hits), {lt['path']}. Calibration: a monotone curve "
-        f"through {cal['points']} measured models, straight between neighbours in log-log "
-        f"(least-squares line for comparison: {cal['scale']:.3f} x table "
-        f"{cal['offset']:+.3f} ms).",
+        f"this run; {lt['hits']} hits), {lt['path']}. Each layer also costs "
+        f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights, read "
+        "from memory inside the network but from cache when the layer is timed alone "
+        "(fitted on two measured networks with their weights at opposite ends). "
+        f"Calibration: a monotone curve from that sum through {cal['points']} measured "
+        "models, straight between neighbours in log-log (least-squares line for "
+        f"comparison: {cal['scale']:.3f} x sum {cal['offset']:+.3f} ms).",
         "",
         f"Device fingerprint {fp['id']}: {device_summary(fp)}, runtime {fp.get('runtime', {})}"
         f"{via}.",

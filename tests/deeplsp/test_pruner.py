@@ -65,10 +65,12 @@ def tiny(monkeypatch, tmp_path):
     # power: how latency grows with MACs; log: every timing's true ms, in order;
     # outliers: timing number (1-based, in log order) -> factor (noise)
     # bump: (lo, hi, factor): networks of lo..hi million MACs run `factor` times slower
-    curve = {"power": 1.0, "log": [], "outliers": {}, "bump": (0.0, 0.0, 1.0)}
+    # per_weight: ms per parameter, which the per-layer table does not see
+    curve = {"power": 1.0, "log": [], "outliers": {}, "bump": (0.0, 0.0, 1.0), "per_weight": 0.0}
 
-    def clock(macs: int) -> float:
-        ms = 0.05 + (1e-6 * macs) ** curve["power"]
+    def clock(cost) -> float:
+        macs = cost.macs
+        ms = 0.05 + (1e-6 * macs) ** curve["power"] + curve["per_weight"] * cost.params
         lo, hi, factor = curve["bump"]
         ms *= factor if lo <= 1e-6 * macs <= hi else 1.0
         curve["log"].append(ms)
@@ -76,11 +78,11 @@ def tiny(monkeypatch, tmp_path):
 
     def fake_measure(model, shape, timing, path=None, **kw):
         result = export_onnx(model, shape, path or tmp_path / "cand.onnx")
-        ms = clock(count_torch(model, shape).macs)
+        ms = clock(count_torch(model, shape))
         return {"latency": _stats(ms).to_dict(), "export": result.to_dict()}
 
     def fake_time(self, path, iters=None):  # a second timing of a file
-        return {"latency": _stats(clock(count_onnx(path).macs)).to_dict()}
+        return {"latency": _stats(clock(count_onnx(path))).to_dict()}
 
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
     monkeypatch.setattr(prune_mod.Timing, "time", fake_time)
@@ -184,6 +186,99 @@ def test_closed_loop_corrects_a_wrong_prediction(tmp_path, tiny, fashionmnist_di
     assert r["pruned"]["latency_ms"]["median"] <= budget
     assert len(measured) <= 5
     assert r["calibration"]["points"] >= 2
+
+
+def test_calibration_measures_what_weights_cost_inside_the_network(
+    tmp_path, tiny, fashionmnist_dir
+):
+    """The device charges every parameter, which the per-layer table does not: the two
+    tilted calibration networks find that cost (not exactly: the device's offset and the
+    BatchNorm parameters are not in the table's terms) and the report states it."""
+    tiny["per_weight"] = 2e-5  # about as much as the dense table sum, in ms
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
+    probe = prune(cfg, log=lambda s: None)
+    assert probe["calibration"]["points"] == 5
+    assert probe["calibration"]["weight_cost"] == pytest.approx(2e-5, rel=0.3)
+    assert "table ms per million weights" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjudge(
+    tmp_path, monkeypatch
+):
+    """Every pruned TinyNet on a device where weights cost more than the table's MACs say:
+    the calibration with its fitted weight cost predicts all 64 within 10%; the old one
+    (a curve through the dense, middle and smallest networks alone) is off by 40%."""
+    import itertools
+
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+
+    def clock(net: nn.Module) -> float:
+        cost = count_torch(net, shape)
+        return 0.05 + 1e-6 * cost.macs + 1e-4 * cost.params
+
+    monkeypatch.setattr(
+        prune_mod, "measure_model", lambda net, *a, **kw: {"latency": {"median": clock(net)}}
+    )
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        calib, _ = prune_mod.calibrate(lat, model, shape, None, candidates, clock(model))
+        assert lat.weight_cost > 0
+        nets = [
+            dict(zip(candidates, k, strict=True)) for k in itertools.product(*candidates.values())
+        ]
+        truth = [clock(prune_groups(copy.deepcopy(model), shape, k)) for k in nets]
+        errors = [
+            abs(calib.predict(lat.table_sum(k)) / t - 1) for k, t in zip(nets, truth, strict=True)
+        ]
+        assert max(errors) < 0.10
+        lat.weight_cost = 0.0
+        uniform = [{g: pick(c) for g, c in candidates.items()} for pick in (max, min)]
+        uniform.insert(1, {g: sorted(c)[len(c) // 2] for g, c in candidates.items()})
+        old = Calibration.fit(
+            [lat.table_sum(k) for k in uniform],
+            [clock(prune_groups(copy.deepcopy(model), shape, k)) for k in uniform],
+        )
+        old_errors = [
+            abs(old.predict(lat.table_sum(k)) / t - 1) for k, t in zip(nets, truth, strict=True)
+        ]
+        assert max(old_errors) > 0.40
+
+
+def test_tilted_networks_put_the_weight_heavy_groups_at_opposite_ends(tmp_path):
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.5, 0.25), 1)
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        cut, kept = prune_mod.tilted(lat, candidates)
+        for g, c in candidates.items():  # every group at an end, the two complementary
+            assert {cut[g], kept[g]} == {min(c), max(c)}
+        (cut_ms, cut_w), (kept_ms, kept_w) = lat.parts(cut), lat.parts(kept)
+        assert cut_w / cut_ms < kept_w / kept_ms  # weights per table ms
+        assert lat.table_sum(cut) == cut_ms  # no weight cost until calibrated
+        lat.weight_cost = 1e-6
+        assert lat.table_sum(cut) == pytest.approx(cut_ms + 1e-6 * cut_w)
+        # the knapsack's per-group charges add up to the same sum
+        full = {g: max(c) for g, c in candidates.items()}
+        per, base = lat.options(full, {g: [max(c)] for g, c in candidates.items()})
+        total = base + sum(v[full[g]] for g, v in per.items())
+        assert total == pytest.approx(lat.table_sum(full))
 
 
 def test_budget_below_the_smallest_reachable_latency_is_a_clear_error(
@@ -335,13 +430,14 @@ def test_an_outlier_timing_is_timed_again_not_chased(tmp_path, tiny, fashionmnis
     budget = 0.6 * _dense_ms(probe)
     clean = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     first = clean["search"][0]["measured"]
-    # timings before the search: the dense model and two calibration models
+    # timings before the search: the dense model and four calibration models
+    assert clean["calibration"]["points"] == 5
     tiny["log"].clear()
     prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
-    assert tiny["log"][3] == first["latency"]["median"]
+    assert tiny["log"][5] == first["latency"]["median"]
     # the same run, with the first timing of the first candidate 40% slow
     tiny["log"].clear()
-    tiny["outliers"] = {4: 1.4}
+    tiny["outliers"] = {6: 1.4}
     noisy = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     timed = noisy["search"][0]["measured"]
     assert timed["timings_ms"][0] == pytest.approx(1.4 * first["latency"]["median"])
@@ -404,8 +500,8 @@ def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_
     _, windows = drifting
     cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, timing="absolute")
     r = prune(cfg, log=lambda s: None)
-    # dense, the two calibration models, the delivered one three times: a window each
-    assert len(windows) == 6
+    # dense, the four calibration models, the delivered one three times: a window each
+    assert len(windows) == 8
     assert r["pruned"]["ratio_to_dense"] is None and r["timing"]["mode"] == "absolute"
     assert "alternately" not in (tmp_path / "run" / "report.md").read_text()
 
@@ -614,7 +710,7 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
     probe = prune(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
-    small_ms = probe["calibration"]["fit_points"][-1][1]
+    small_ms = probe["calibration"]["fit_points"][2][1]
     lines = []
     # Reachable, but not under the noise guard: the table can only offer the smallest
     # network, measured already, and nothing measured lies below the aim to step to.
@@ -628,7 +724,7 @@ def test_the_search_stops_when_the_allocation_repeats_a_measured_candidate(
 
 def test_a_budget_just_above_the_smallest_network_delivers_it(tmp_path, tiny, fashionmnist_dir):
     cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
-    small_ms = prune(cfg, log=lambda s: None)["calibration"]["fit_points"][-1][1]
+    small_ms = prune(cfg, log=lambda s: None)["calibration"]["fit_points"][2][1]
     # the aim (the band's middle) lies below the smallest network, which fits the goal
     r = prune(replace(cfg, budget_ms=small_ms / 0.9), log=lambda s: None)
     assert len(r["search"]) == 1 and r["pruned"]["latency_ms"]["median"] <= small_ms / 0.9
@@ -659,7 +755,7 @@ def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
     assert first["measured"]["latency"]["median"] > 1.1 * first["predicted_ms"]  # misjudged
     # the second is predicted through the knapsack solutions measured (and the two ends),
     # no longer through the uniform middle network the calibration started from
-    (dense_sum, dense_ms), _, (small_sum, small_ms) = r["calibration"]["fit_points"]
+    (dense_sum, dense_ms), _, (small_sum, small_ms), *_ = r["calibration"]["fit_points"]
     family = Calibration.fit(
         [dense_sum, small_sum, first["table_ms"]],
         [dense_ms, small_ms, first["measured"]["latency"]["median"]],

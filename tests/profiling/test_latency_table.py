@@ -13,7 +13,13 @@ from torch import nn
 
 from deeplsp.errors import DeepLSPError
 from devices import get_device
-from profiling.latency_table import Calibration, LatencyTable, LayerSig, layer_onnx
+from profiling.latency_table import (
+    Calibration,
+    LatencyTable,
+    LayerSig,
+    fit_weight_cost,
+    layer_onnx,
+)
 from profiling.runner import LatencyStats
 
 CONV = LayerSig("conv", 64, 128, (3, 3), (1, 1), (1, 1), 1, (32, 32), 1)
@@ -354,3 +360,43 @@ def test_calibration_to_dict_is_json():
     back = json.loads(json.dumps(cal.to_dict()))
     assert back["points"] == 3 and back["scale"] == pytest.approx(cal.scale)
     assert back["fit_points"] == [[2.0, 3.0], [4.0, 5.5], [7.0, 8.0]]
+
+
+# -- weight cost ----------------------------------------------------------------
+
+
+def test_layer_weights_count_bias_and_groups():
+    assert LayerSig("conv", 16, 32, (3, 3), in_hw=(8, 8)).weights == 32 * (16 * 9 + 1)
+    depthwise = LayerSig("conv", 32, 32, (3, 3), groups=32, in_hw=(8, 8))
+    assert depthwise.weights == 32 * (9 + 1)
+    assert LayerSig("linear", 64, 10).weights == 10 * 65
+
+
+def _device_clock(table_ms: float, weights: int, cost: float) -> float:
+    """A device whose end-to-end latency is a power law of the table sum plus `cost` per
+    weight element."""
+    return 0.4 * (table_ms + cost * weights) ** 1.3
+
+
+def test_weight_cost_is_recovered_from_two_networks_off_the_curve():
+    true = 0.3 * 4.0 / 2_000_000  # on the fitted grid: 0.3 x dense table sum / weights
+    curve = [(4.0, 2_000_000), (2.0, 700_000), (0.5, 100_000)]  # uniform networks
+    probes = [(2.2, 300_000), (1.6, 1_500_000)]  # weight-light and weight-heavy
+    points = [(t, w, _device_clock(t, w, true)) for t, w in curve + probes]
+    cost = fit_weight_cost(points[:3], points[3:])
+    assert cost == pytest.approx(true, rel=1e-9)
+    # with that cost, the calibration through the curve models predicts the probes
+    cal = Calibration.fit([t + cost * w for t, w, _ in points[:3]], [m for *_, m in points[:3]])
+    for t, w, ms in points[3:]:
+        assert cal.predict(t + cost * w) == pytest.approx(ms, rel=1e-9)
+
+
+def test_weight_cost_is_zero_where_weights_cost_nothing_or_nothing_probes_them():
+    curve = [(4.0, 2_000_000), (2.0, 700_000), (0.5, 100_000)]
+    probes = [(2.2, 300_000), (1.6, 1_500_000)]
+    points = [(t, w, _device_clock(t, w, 0.0)) for t, w in curve + probes]
+    assert fit_weight_cost(points[:3], points[3:]) == 0.0
+    heavy = [(t, w, _device_clock(t, w, 1e-6)) for t, w in curve]
+    assert fit_weight_cost(heavy, []) == 0.0
+    with pytest.raises(DeepLSPError, match="at least one curve model"):
+        fit_weight_cost([], points)
