@@ -67,15 +67,9 @@ def measure_sensitivity(
     order: Mapping[str, list[int]],
     candidates: Mapping[str, Sequence[int]],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    around: Mapping[str, int] | None = None,
 ) -> dict[str, dict[int, float]]:
-    """Loss increase per group and keep count, on the calibration batches.
-
-    Without `around`, each group is cut with every other group whole (clamped at >= 0).
-    With `around` (an allocation of `groups`), every other group is cut to its count there
-    and the increase is relative to that network's own loss: negative where keeping more
-    of the group helps. Cuts measured one at a time from the dense model add up badly at deep
-    pruning; measured around the allocation they are what a change to it costs."""
+    """Loss increase per group and keep count, on the calibration batches: each group cut
+    with every other group whole (clamped at >= 0)."""
     model.eval()
     modules = dict(model.named_modules())
     handles: dict[str, list] = {}
@@ -87,20 +81,14 @@ def measure_sensitivity(
             drop = torch.tensor(order[g.id][: g.channels - keep], dtype=torch.long)
             handles[g.id] = [_silence(m, drop) for m in _producers(g, modules)]
 
-    home = {g.id: around[g.id] if around else g.channels for g in groups}
-    result: dict[str, dict[int, float]] = {}
+    result: dict[str, dict[int, float]] = {g.id: {g.channels: 0.0} for g in groups}
     try:
-        for g in groups:
-            cut(g, home[g.id])
         base = _loss(model, batches)
-        for g in groups:
-            result[g.id] = {home[g.id]: 0.0}
-        work = [(g, k) for g in groups for k in candidates[g.id] if k != home[g.id]]
+        work = [(g, k) for g in groups for k in candidates[g.id] if k != g.channels]
         for g, k in progress(work, "sensitivity"):
             cut(g, k)
-            increase = _loss(model, batches) - base
-            result[g.id][k] = increase if around else max(0.0, increase)
-            cut(g, home[g.id])
+            result[g.id][k] = max(0.0, _loss(model, batches) - base)
+            cut(g, g.channels)
     finally:
         for g in groups:
             cut(g, g.channels)
@@ -112,7 +100,6 @@ def cache_key(
     batches: Sequence,
     candidates: Mapping,
     importance: str,
-    around: Mapping[str, int] | None = None,
 ) -> str:
     """Hash of everything the scan depends on: weights, calibration data, candidates."""
     h = hashlib.sha256()
@@ -124,8 +111,6 @@ def cache_key(
         h.update(labels.numpy().tobytes())
     h.update(json.dumps({k: list(v) for k, v in candidates.items()}, sort_keys=True).encode())
     h.update(importance.encode())
-    if around:
-        h.update(json.dumps(dict(around), sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
@@ -137,10 +122,9 @@ def cached_sensitivity(
     candidates: Mapping[str, Sequence[int]],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     importance: str = "l1",
-    around: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, dict[int, float]], bool]:
     """measure_sensitivity, read from / written to `cache_dir`; returns (table, was_cached)."""
-    key = cache_key(model, batches, candidates, importance, around)
+    key = cache_key(model, batches, candidates, importance)
     path = Path(cache_dir) / f"sensitivity-{key}.json"
     if path.is_file():
         try:
@@ -148,6 +132,6 @@ def cached_sensitivity(
             return {g: {int(k): float(v) for k, v in t.items()} for g, t in raw.items()}, True
         except (ValueError, AttributeError):
             pass  # a damaged cache entry is recomputed and overwritten
-    table = measure_sensitivity(model, groups, order, candidates, batches, around)
+    table = measure_sensitivity(model, groups, order, candidates, batches)
     write_json(path, table)
     return table, False
