@@ -74,6 +74,11 @@ def markdown(report: dict) -> str:
     ]
     rows = [
         ("test top-1", f"{dense['test']['top1']:.2%}", f"{pruned['test']['top1']:.2%}"),
+    ]
+    if pruned.get("test_before_finetune"):
+        before = pruned["test_before_finetune"]["top1"]
+        rows.append(("test top-1 before fine-tuning", "", f"{before:.2%}"))
+    rows += [
         ("latency median / p90 (ms)", _ms(dense["latency_ms"]), _ms(pruned["latency_ms"])),
         ("predicted latency (ms)", "", f"{pruned['predicted_ms']:.3f}"),
         ("MACs", f"{dense['cost']['macs']:,}", f"{pruned['cost']['macs']:,}"),

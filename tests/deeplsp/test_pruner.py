@@ -139,6 +139,10 @@ def test_budget_run_delivers_a_smaller_measured_model_and_all_outputs(
     saved = json.loads((out / "report.json").read_text())
     assert saved["config"]["budget_ms"] == budget and saved["budget_ms"] == budget
     assert "Per-group keep ratios" in (out / "report.md").read_text()
+    # what fine-tuning did: the pruned network's accuracy before it, in the report too
+    before = r["pruned"]["test_before_finetune"]["top1"]
+    row = rf"\| test top-1 before fine-tuning +\| +\| +{re.escape(f'{before:.2%}')} +\|"
+    assert re.search(row, (out / "report.md").read_text())
 
 
 def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashionmnist_dir):
@@ -146,6 +150,7 @@ def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashion
     first = prune(cfg, log=lambda s: None)
     second = prune(cfg, log=lambda s: None)
     assert not first["sensitivity_cached"] and second["sensitivity_cached"]
+    assert first["pruned"]["test_before_finetune"] is None  # no fine-tuning, nothing before
     assert first["latency_table"]["new_rows"] > 0 and second["latency_table"]["new_rows"] == 0
 
 
