@@ -603,7 +603,6 @@ def calibrate(
             continue
         model = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
         measured.append(measure_model(model, shape, timing)["latency"]["median"])
-    lat.weight_cost = 0.0
     points = [(*lat.parts(k), ms) for k, ms in zip(nets, measured, strict=True)]
     lat.weight_cost = fit_weight_cost(points[:3], points[3:])
     sums = [lat.table_sum(k) for k in nets]
@@ -829,6 +828,12 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             choices,
             dense_ms,
             order,
+        )
+        ms = [m for _, m in calib.fit_points]
+        log(
+            f"calibration: middle {ms[1]:.3f} ms, smallest {ms[2]:.3f} ms, weight-heavy groups "
+            f"cut {ms[3]:.3f} / kept {ms[4]:.3f} ms; each layer costs "
+            f"{1e6 * lat.weight_cost:.3f} table ms per million weights besides its table entry"
         )
 
         history: list[Candidate] = []

@@ -201,8 +201,10 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
     BatchNorm parameters are not in the table's terms) and the report states it."""
     tiny["per_weight"] = 2e-5  # about as much as the dense table sum, in ms
     cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
-    probe = prune(cfg, log=lambda s: None)
+    lines = []
+    probe = prune(cfg, log=lines.append)
     assert probe["calibration"]["points"] == 5
+    assert any(s.startswith("calibration: middle") and "per million weights" in s for s in lines)
     assert probe["calibration"]["weight_cost"] == pytest.approx(2e-5, rel=0.3)
     assert "table ms per million weights" in (tmp_path / "run" / "report.md").read_text()
 
