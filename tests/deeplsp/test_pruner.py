@@ -437,14 +437,14 @@ def test_an_outlier_timing_is_timed_again_not_chased(tmp_path, tiny, fashionmnis
     budget = 0.6 * _dense_ms(probe)
     clean = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     first = clean["search"][0]["measured"]
-    # timings before the search: the dense model and four calibration models
-    assert clean["calibration"]["points"] == 5
+    # timings before the search: the dense model three times and four calibration models
+    assert clean["calibration"]["points"] == 5 and len(clean["dense"]["timings_ms"]) == 3
     tiny["log"].clear()
     prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
-    assert tiny["log"][5] == first["latency"]["median"]
+    assert tiny["log"][7] == first["latency"]["median"]
     # the same run, with the first timing of the first candidate 40% slow
     tiny["log"].clear()
-    tiny["outliers"] = {6: 1.4}
+    tiny["outliers"] = {8: 1.4}
     noisy = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     timed = noisy["search"][0]["measured"]
     assert timed["timings_ms"][0] == pytest.approx(1.4 * first["latency"]["median"])
@@ -488,10 +488,14 @@ def test_paired_timing_holds_the_dense_models_speed_while_the_device_drifts(
     windows.clear()
     r = prune(replace(cfg, budget_ms=budget), log=lambda s: None)
     out = tmp_path / "run"
-    assert _dense_ms(r) == pytest.approx(budget / 0.5)  # the dense model: first window
+    # the dense model: the median of its first three windows, the second
+    assert _dense_ms(r) == pytest.approx(budget / 0.5)
+    assert r["dense"]["timings_ms"] == pytest.approx(
+        [_dense_ms(r) / 1.04, _dense_ms(r), _dense_ms(r) * 1.04]
+    )
     # Every later file was timed against the dense model: its figure is its true latency
-    # at the speed of that first window, however slow the device had become since.
-    delivered = true_ms(out / "model.onnx") * 1.04
+    # at the speed of that second window, however slow the device had become since.
+    delivered = true_ms(out / "model.onnx") * 1.04**2
     assert r["pruned"]["latency_ms"]["median"] == pytest.approx(delivered)
     assert r["pruned"]["ratio_to_dense"] == pytest.approx(delivered / _dense_ms(r))
     assert r["pruned"]["latency_as_timed_ms"]["median"] > 2 * delivered
@@ -507,8 +511,8 @@ def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_
     _, windows = drifting
     cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, timing="absolute")
     r = prune(cfg, log=lambda s: None)
-    # dense, the four calibration models, the delivered one three times: a window each
-    assert len(windows) == 8
+    # dense and the delivered one three times each, the four calibration models once
+    assert len(windows) == 10
     assert r["pruned"]["ratio_to_dense"] is None and r["timing"]["mode"] == "absolute"
     assert "alternately" not in (tmp_path / "run" / "report.md").read_text()
 
