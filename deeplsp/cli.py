@@ -342,6 +342,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         allocation=args.allocation,
         amount=args.amount,
         finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr,
         dense_epochs=args.dense_epochs,
         quick=args.quick,
         data_dir=str(args.data_dir) if args.data_dir else None,
@@ -579,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="unstructured stage: a fraction of the remaining weights, or 'adaptive'",
     )
     pn.add_argument("--finetune-epochs", type=_non_negative_int, default=1)
+    pn.add_argument(
+        "--finetune-lr",
+        type=_positive_float,
+        default=1e-3,
+        help="AdamW learning rate of fine-tuning (default 1e-3, for deep cuts; "
+        "lower it for light ones, see the report's top-1 before fine-tuning)",
+    )
     pn.add_argument(
         "--dense-epochs",
         type=_non_negative_int,

@@ -218,7 +218,7 @@ def test_prune_choices_match_the_pruner():
     assert set(choices["timing"]) == set(TIMINGS)
 
 
-def test_prune_passes_threads_to_the_pruner(capsys, monkeypatch):
+def test_prune_passes_threads_and_finetune_lr_to_the_pruner(capsys, monkeypatch):
     import deeplsp.pruner as pruner
     from deeplsp.errors import DeepLSPError
 
@@ -234,3 +234,8 @@ def test_prune_passes_threads_to_the_pruner(capsys, monkeypatch):
     assert code == 2 and "stop here" in err and seen[0].threads == 1
     code, _, err = _run(capsys, *argv, "--threads", "0")
     assert code == 2 and "--threads" in err and len(seen) == 1
+    assert seen[0].finetune_lr == 1e-3  # the default
+    code, _, err = _run(capsys, *argv, "--finetune-lr", "1e-4")
+    assert code == 2 and seen[-1].finetune_lr == 1e-4
+    code, _, err = _run(capsys, *argv, "--finetune-lr", "0")
+    assert code == 2 and "--finetune-lr" in err and len(seen) == 2
