@@ -808,7 +808,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     dense_onnx = work / "dense.onnx"
     dense_meas = stages.run("measure", measure_model, dense, shape, timing, dense_onnx)
     # Every paired timing is a ratio times this figure, and so is --budget-ratio's budget:
-    # one timing of a dense ResNet-18 came out 7% under two others of the same file.
+    # one of six timings of a dense ResNet-18 in one benchmark was 7% under the other five.
     dense_meas = timed_thrice(dense_meas, lambda: stages.run("measure", timing.time, dense_onnx))
     dense_ms = dense_meas["latency"]["median"]
     timed = ", ".join(f"{t:.3f}" for t in dense_meas["timings_ms"])
