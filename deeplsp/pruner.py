@@ -285,9 +285,8 @@ class LatencyModel:
         return got[sig] + self.weight_cost * sig.weights
 
     def table_sum(self, keeps: dict[str, int]) -> float:
-        sigs = [self.sig_at(lk, keeps) for lk in self.links]
-        got = self.table.get_many(sigs, desc="latency table")
-        return sum(self._cost(s, got) for s in sigs)
+        table_ms, weights = self.parts(keeps)
+        return table_ms + self.weight_cost * weights
 
     def parts(self, keeps: dict[str, int]) -> tuple[float, int]:
         """(the table's own sum, weight elements): what `table_sum` adds up."""
