@@ -14,6 +14,14 @@ Every variant is measured a second time, independently: the share of those
 re-measurements within +-10% of the first is the ceiling that no predictor can
 beat on this machine, and is reported next to the predictor's share.
 
+A shared VM can change speed in a way that pairing with the dense model does not
+cancel: in session 9's MobileNetV3-L run the first 28 variants measured 15-25%
+slower, relative to the dense model, than the same files did a day later, the
+last 22 within 5%. So after every variant the middle calibration network is timed
+again: `middle_drift` is how far it moved from its calibration timing, and the
+summary reports the predictor's share among the variants measured while it held
+within 5% (`steady`) next to the share over all of them.
+
 `--timing paired` (the pipeline's default) times every file after the dense model
 alternately with it and counts the ratio times the dense model's median, as
 `deeplsp prune` does; `--timing absolute` times each file on its own.
@@ -46,14 +54,17 @@ from deeplsp.pruner import (
     LatencyModel,
     Timing,
     calibrate,
+    calibration_networks,
     candidate_keeps,
     measure_model,
 )
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
+from export import export_onnx
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
+STEADY = 0.05  # the middle calibration network within 5% of its calibration timing
 
 
 def table_cost(model, shape, groups, candidates, device, rng) -> dict:
@@ -76,6 +87,8 @@ def table_cost(model, shape, groups, candidates, device, rng) -> dict:
 def _summary(name: str, rows: list[dict], meta: dict) -> dict:
     abs_err = sorted(abs(v["rel_error"]) for v in rows)
     noise = [abs(v["remeasured_ms"] - v["measured_ms"]) / v["measured_ms"] for v in rows]
+    drift = [abs(v["middle_drift"]) for v in rows if "middle_drift" in v]  # older runs: none
+    steady = [abs(v["rel_error"]) for v in rows if abs(v.get("middle_drift", 1.0)) <= STEADY]
     return {
         "model": name,
         "variants": len(rows),
@@ -84,6 +97,12 @@ def _summary(name: str, rows: list[dict], meta: dict) -> dict:
         "median_abs_error": f"{statistics.median(abs_err):.1%}",
         "remeasure_median_abs_diff": f"{statistics.median(noise):.1%}",
         "p90_abs_error": f"{abs_err[int(0.9 * (len(abs_err) - 1))]:.1%}",
+        "middle_drift_median": f"{statistics.median(drift):.1%}" if drift else "-",
+        "middle_drift_max": f"{max(drift):.1%}" if drift else "-",
+        "steady": len(steady),
+        "steady_within_10pct": f"{sum(e <= 0.10 for e in steady) / len(steady):.0%}"
+        if steady
+        else "-",
         "weight_cost_per_M": round(1e6 * rows[-1]["calibration"].get("weight_cost", 0.0), 4),
         "dense_ms": round(meta["dense_ms"], 3),
         "smallest_ms": round(meta["smallest_ms"], 3),
@@ -139,6 +158,11 @@ def main() -> None:
             calib, small_ms = calibrate(lat, model, shape, timing, candidates, dense_ms)
             entry.setdefault("dense_ms", dense_ms)
             entry.setdefault("smallest_ms", small_ms)
+            # the drift sentinel: the middle calibration network, timed again after each variant
+            middle = Path(tmp) / "middle.onnx"
+            net = calibration_networks(lat, candidates)[1]
+            export_onnx(prune_groups(copy.deepcopy(model), shape, net), shape, middle)
+            middle_ms = calib.fit_points[1][1]
             for i in range(args.n):
                 keeps = {g: rng.choice(c) for g, c in candidates.items()}
                 if i < len(entry["variants"]):
@@ -150,6 +174,7 @@ def main() -> None:
                 measured = measure_model(pruned, shape, timing, onnx_path)["latency"]["median"]
                 # the same file again, in another fresh process, a few seconds later
                 again = timing.time(onnx_path)["latency"]["median"]
+                drift = timing.time(middle)["latency"]["median"] / middle_ms - 1
                 err = (predicted - measured) / measured
                 entry["variants"].append(
                     {
@@ -157,6 +182,7 @@ def main() -> None:
                         "predicted_ms": predicted,
                         "measured_ms": measured,
                         "remeasured_ms": again,
+                        "middle_drift": drift,
                         "rel_error": err,
                         "table_ms": table_ms,
                         "weights": weights,
@@ -166,7 +192,8 @@ def main() -> None:
                 write_results(state, args)  # kept as soon as measured
                 print(
                     f"{name} {i + 1}/{args.n}: predicted {predicted:.3f} ms, "
-                    f"measured {measured:.3f} ms ({err:+.1%}), again {again:.3f} ms",
+                    f"measured {measured:.3f} ms ({err:+.1%}), again {again:.3f} ms, "
+                    f"middle network {drift:+.1%} from its calibration timing",
                     flush=True,
                 )
     write_results(state, args)
@@ -193,12 +220,17 @@ def write_results(state: dict, args) -> None:
         f"Random pruned variants (`variants` per model; every group at one of 8 candidate "
         f"ratios), input 1x32x32, batch 1. Predicted: per-layer table sum (layers timed in a "
         f"fresh process) plus `weight_cost_per_M` table ms per million weights, calibrated "
-        f"on the pipeline's measured networks (dense, middle, smallest, and two tilted ones "
-        f"that fit the weight cost; earlier runs without the cost: three). Measured: "
+        f"on the pipeline's measured networks (dense, middle, smallest, two tilted ones "
+        f"that fit the weight cost and, since session 10, three random ones; session 8 and "
+        f"earlier: the first three). Measured: "
         f"exported ONNX in a fresh process, {how}. Every "
         f"variant measured twice, independently: `remeasured_within_10pct` is the share of "
         f"second measurements within 10% of the first, the ceiling for any predictor on this "
-        f"machine. Table cost: 10 random variants from an empty cache (cold) and again from "
+        f"machine. `middle_drift`: how far the middle calibration network, timed again "
+        f"after each variant, moved from its calibration timing (median, max); "
+        f"`steady_within_10pct`: the predictor's share among the `steady` variants, those "
+        f"measured while it held within {STEADY:.0%}. Table cost: 10 random variants from an "
+        f"empty cache (cold) and again from "
         f"the filled one (warm).\n\n{table_md}\n",
     )
     print(table_md, flush=True)

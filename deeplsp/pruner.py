@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ from profiling.latency_table import (
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
 REPEATS = 3  # timed windows per end-to-end measurement
+RANDOM_NETWORKS = 3  # calibration networks with random per-group counts
 TIMINGS = ("paired", "absolute")
 SELECTIONS = ("sensitivity", "adaptive-bn")
 ALLOCATIONS = ("knapsack", "threshold")
@@ -585,6 +587,27 @@ def measure_model(
     return {**measured, "export": result.to_dict()}
 
 
+def calibration_networks(
+    lat: LatencyModel, candidates: dict[str, list[int]], seed: int = 0
+) -> list[dict[str, int]]:
+    """The networks `calibrate` measures, in its order: dense, every group at its middle
+    candidate, every group at its smallest, the two `tilted` ones, then `RANDOM_NETWORKS`
+    with every group at a seeded random candidate.
+
+    The random ones are there because a search's candidates are not uniform. On 50
+    random MobileNetV3-L variants (1 thread, a steady machine) the curve through the
+    first five alone put 78% within +-10%; with three random networks on it, 94% of the
+    other 47 (ResNet-18: 96% either way; bench/README.md, session 10)."""
+    full = {g: max(c) for g, c in candidates.items()}
+    middle = {g: sorted(c)[len(c) // 2] for g, c in candidates.items()}
+    smallest = {g: min(c) for g, c in candidates.items()}
+    rng = random.Random(seed)
+    mixed = [
+        {g: rng.choice(sorted(c)) for g, c in candidates.items()} for _ in range(RANDOM_NETWORKS)
+    ]
+    return [full, middle, smallest, *tilted(lat, candidates), *mixed]
+
+
 def calibrate(
     lat: LatencyModel,
     dense: nn.Module,
@@ -594,27 +617,24 @@ def calibrate(
     dense_ms: float,
     order: dict[str, list[int]] | None = None,
 ) -> tuple[Calibration, float]:
-    """Fit table sum -> measured latency on five measured models: the dense one (measured
-    as `dense_ms`), every group at its middle candidate, every group at its smallest, and
-    the two `tilted` networks, which set `lat.weight_cost` (see `fit_weight_cost`).
+    """Fit table sum -> measured latency on the `calibration_networks`, the dense one
+    measured as `dense_ms`. The two `tilted` networks set `lat.weight_cost` (see
+    `fit_weight_cost`); every network is a point on the curve.
 
     The middle point matters: on the CPU the relation is not a straight line between the
     two ends (mid-sized networks measure slower than that line says). Returns the
     calibration and the smallest candidate's measured latency, which is also the smallest
     latency the search can reach."""
-    full = {g: max(c) for g, c in candidates.items()}
-    middle = {g: sorted(c)[len(c) // 2] for g, c in candidates.items()}
-    smallest = {g: min(c) for g, c in candidates.items()}
-    nets = [full, middle, smallest, *tilted(lat, candidates)]
+    nets = calibration_networks(lat, candidates)
     measured = [dense_ms]
     for i, keeps in enumerate(nets[1:], start=1):
-        if keeps in nets[:i]:  # a net with one group: a tilted network is an end
+        if keeps in nets[:i]:  # a small net: a tilted or random network may be another one
             measured.append(measured[nets.index(keeps)])
             continue
         model = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
         measured.append(measure_model(model, shape, timing)["latency"]["median"])
     points = [(*lat.parts(k), ms) for k, ms in zip(nets, measured, strict=True)]
-    lat.weight_cost = fit_weight_cost(points[:3], points[3:])
+    lat.weight_cost = fit_weight_cost(points[:3], points[3:5])
     sums = [lat.table_sum(k) for k in nets]
     return Calibration.fit(sums, measured), measured[2]
 
@@ -846,7 +866,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         ms = [m for _, m in calib.fit_points]
         log(
             f"calibration: middle {ms[1]:.3f} ms, smallest {ms[2]:.3f} ms, weight-heavy groups "
-            f"cut {ms[3]:.3f} / kept {ms[4]:.3f} ms; each layer costs "
+            f"cut {ms[3]:.3f} / kept {ms[4]:.3f} ms, random "
+            f"{' / '.join(f'{m:.3f}' for m in ms[5:])} ms; each layer costs "
             f"{1e6 * lat.weight_cost:.3f} table ms per million weights besides its table entry"
         )
 

@@ -203,7 +203,7 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
     cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
     lines = []
     probe = prune(cfg, log=lines.append)
-    assert probe["calibration"]["points"] == 5
+    assert probe["calibration"]["points"] == 8
     assert any(s.startswith("calibration: middle") and "per million weights" in s for s in lines)
     assert probe["calibration"]["weight_cost"] == pytest.approx(2e-5, rel=0.3)
     assert "table ms per million weights" in (tmp_path / "run" / "report.md").read_text()
@@ -286,6 +286,32 @@ def test_tilted_networks_put_the_weight_heavy_groups_at_opposite_ends(tmp_path):
         per, base = lat.options(full, {g: [max(c)] for g, c in candidates.items()})
         total = base + sum(v[full[g]] for g, v in per.items())
         assert total == pytest.approx(lat.table_sum(full))
+
+
+def test_calibration_networks_add_seeded_random_mixes_to_the_uniform_and_tilted_ones(tmp_path):
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, prune_mod.RATIOS, 1)
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        nets = prune_mod.calibration_networks(lat, candidates)
+        assert len(nets) == 5 + prune_mod.RANDOM_NETWORKS
+        assert nets[0] == {g: max(c) for g, c in candidates.items()}
+        assert nets[2] == {g: min(c) for g, c in candidates.items()}
+        assert nets[3:5] == list(prune_mod.tilted(lat, candidates))
+        mixed = nets[5:]
+        assert all(k[g] in candidates[g] for k in mixed for g in candidates)
+        # not every group at one ratio (the uniform networks' shape)
+        assert any(len({k[g] / max(c) for g, c in candidates.items()}) > 1 for k in mixed)
+        assert prune_mod.calibration_networks(lat, candidates) == nets  # seeded
+        assert prune_mod.calibration_networks(lat, candidates, seed=1)[5:] != mixed
 
 
 def test_budget_below_the_smallest_reachable_latency_is_a_clear_error(
@@ -437,14 +463,16 @@ def test_an_outlier_timing_is_timed_again_not_chased(tmp_path, tiny, fashionmnis
     budget = 0.6 * _dense_ms(probe)
     clean = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     first = clean["search"][0]["measured"]
-    # timings before the search: the dense model three times and four calibration models
-    assert clean["calibration"]["points"] == 5 and len(clean["dense"]["timings_ms"]) == 3
+    # timings before the search: the dense model three times and every other distinct
+    # calibration network once (a random one can repeat another on the tiny net)
+    assert clean["calibration"]["points"] == 8 and len(clean["dense"]["timings_ms"]) == 3
+    before = 2 + len({tuple(p) for p in clean["calibration"]["fit_points"]})
     tiny["log"].clear()
     prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
-    assert tiny["log"][7] == first["latency"]["median"]
+    assert tiny["log"][before] == first["latency"]["median"]
     # the same run, with the first timing of the first candidate 40% slow
     tiny["log"].clear()
-    tiny["outliers"] = {8: 1.4}
+    tiny["outliers"] = {before + 1: 1.4}
     noisy = prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     timed = noisy["search"][0]["measured"]
     assert timed["timings_ms"][0] == pytest.approx(1.4 * first["latency"]["median"])
@@ -511,8 +539,10 @@ def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_
     _, windows = drifting
     cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, timing="absolute")
     r = prune(cfg, log=lambda s: None)
-    # dense and the delivered one three times each, the four calibration models once
-    assert len(windows) == 10
+    # dense and the delivered one three times each, every other distinct calibration
+    # network once (a random one can repeat another on the tiny net)
+    distinct = len({tuple(p) for p in r["calibration"]["fit_points"]})
+    assert len(windows) == 6 + distinct - 1
     assert r["pruned"]["ratio_to_dense"] is None and r["timing"]["mode"] == "absolute"
     assert "alternately" not in (tmp_path / "run" / "report.md").read_text()
 
