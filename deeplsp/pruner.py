@@ -59,6 +59,10 @@ RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
 REPEATS = 3  # timed windows per end-to-end measurement
 RANDOM_NETWORKS = 3  # calibration networks with random per-group counts
+# How far the middle calibration network may move between calibration and delivery before
+# the run says the device's speed changed under it. Pairing with the dense model cancels a
+# device that slows down evenly, not one that slows small and large networks unequally.
+STEADY = 0.05
 TIMINGS = ("paired", "absolute")
 SELECTIONS = ("sensitivity", "adaptive-bn")
 ALLOCATIONS = ("knapsack", "threshold")
@@ -589,23 +593,23 @@ def measure_model(
 
 def calibration_networks(
     lat: LatencyModel, candidates: dict[str, list[int]], seed: int = 0
-) -> list[dict[str, int]]:
-    """The networks `calibrate` measures, in its order: dense, every group at its middle
-    candidate, every group at its smallest, the two `tilted` ones, then `RANDOM_NETWORKS`
-    with every group at a seeded random candidate.
-
-    The random ones are there because a search's candidates are not uniform. On 50
-    random MobileNetV3-L variants (1 thread, a steady machine) the curve through the
-    first five alone put 78% within +-10%; with three random networks on it, 94% of the
-    other 47 (ResNet-18: 96% either way; bench/README.md, session 10)."""
-    full = {g: max(c) for g, c in candidates.items()}
-    middle = {g: sorted(c)[len(c) // 2] for g, c in candidates.items()}
-    smallest = {g: min(c) for g, c in candidates.items()}
+) -> dict[str, dict[str, int]]:
+    """The networks `calibrate` measures, by name, in its order: dense, every group at
+    its middle candidate, every group at its smallest, the two `tilted` ones, then
+    `RANDOM_NETWORKS` with every group at a seeded random candidate."""
     rng = random.Random(seed)
-    mixed = [
-        {g: rng.choice(sorted(c)) for g, c in candidates.items()} for _ in range(RANDOM_NETWORKS)
-    ]
-    return [full, middle, smallest, *tilted(lat, candidates), *mixed]
+    cut, kept = tilted(lat, candidates)
+    return {
+        "dense": {g: max(c) for g, c in candidates.items()},
+        "middle": {g: sorted(c)[len(c) // 2] for g, c in candidates.items()},
+        "smallest": {g: min(c) for g, c in candidates.items()},
+        "weight-heavy cut": cut,
+        "weight-heavy kept": kept,
+        **{
+            f"random {i + 1}": {g: rng.choice(sorted(c)) for g, c in candidates.items()}
+            for i in range(RANDOM_NETWORKS)
+        },
+    }
 
 
 def calibrate(
@@ -616,27 +620,38 @@ def calibrate(
     candidates: dict[str, list[int]],
     dense_ms: float,
     order: dict[str, list[int]] | None = None,
-) -> tuple[Calibration, float]:
-    """Fit table sum -> measured latency on the `calibration_networks`, the dense one
-    measured as `dense_ms`. The two `tilted` networks set `lat.weight_cost` (see
-    `fit_weight_cost`); every network is a point on the curve.
+    middle_onnx: Path | None = None,
+) -> tuple[Calibration, dict[str, float]]:
+    """Measure the `calibration_networks` (the dense one as `dense_ms`) and fit table sum ->
+    measured latency through all of them. Returns the calibration and every network's
+    measured ms by name ("smallest" is also the smallest latency the search can reach).
 
-    The middle point matters: on the CPU the relation is not a straight line between the
-    two ends (mid-sized networks measure slower than that line says). Returns the
-    calibration and the smallest candidate's measured latency, which is also the smallest
-    latency the search can reach."""
+    The two tilted networks set `lat.weight_cost` (see `fit_weight_cost`). The random
+    networks are on the curve because a search's candidates are not uniform (50 random
+    MobileNetV3-L variants, 1 thread: 74% within +-10% through the uniform networks
+    alone, 82% with them). The middle point matters: on the CPU the relation is not a
+    straight line between the two ends. The middle network's ONNX file is kept at
+    `middle_onnx` (when it is not the dense network), so the run can time it again
+    (see `STEADY`)."""
     nets = calibration_networks(lat, candidates)
-    measured = [dense_ms]
-    for i, keeps in enumerate(nets[1:], start=1):
-        if keeps in nets[:i]:  # a small net: a tilted or random network may be another one
-            measured.append(measured[nets.index(keeps)])
+    measured: dict[str, float] = {}
+    for name, keeps in nets.items():
+        same = next((n for n in measured if nets[n] == keeps), None)
+        if same is not None:  # a small net: a tilted or random network may be another one
+            measured[name] = measured[same]
+            continue
+        if name == "dense":
+            measured[name] = dense_ms
             continue
         model = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
-        measured.append(measure_model(model, shape, timing)["latency"]["median"])
-    points = [(*lat.parts(k), ms) for k, ms in zip(nets, measured, strict=True)]
-    lat.weight_cost = fit_weight_cost(points[:3], points[3:5])
-    sums = [lat.table_sum(k) for k in nets]
-    return Calibration.fit(sums, measured), measured[2]
+        path = middle_onnx if name == "middle" else None
+        measured[name] = measure_model(model, shape, timing, path)["latency"]["median"]
+    point = {n: (*lat.parts(k), measured[n]) for n, k in nets.items()}
+    uniform = [point[n] for n in ("dense", "middle", "smallest")]
+    probes = [point["weight-heavy cut"], point["weight-heavy kept"]]
+    lat.weight_cost = fit_weight_cost(uniform, probes)
+    calib = Calibration.fit([lat.table_sum(k) for k in nets.values()], list(measured.values()))
+    return calib, measured
 
 
 def tilted(
@@ -852,7 +867,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         # threshold rule needs none, so it chooses among every count the device allows.
         threshold = scores if cfg.allocation == "threshold" else None
         choices = candidates if threshold is None else every_multiple(groups, multiple)
-        calib, small_ms = stages.run(
+        calib, calib_ms = stages.run(
             "measure",
             calibrate,
             lat,
@@ -862,13 +877,14 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             choices,
             dense_ms,
             order,
+            work / "calibration-middle.onnx",
         )
-        ms = [m for _, m in calib.fit_points]
+        small_ms = calib_ms["smallest"]
         log(
-            f"calibration: middle {ms[1]:.3f} ms, smallest {ms[2]:.3f} ms, weight-heavy groups "
-            f"cut {ms[3]:.3f} / kept {ms[4]:.3f} ms, random "
-            f"{' / '.join(f'{m:.3f}' for m in ms[5:])} ms; each layer costs "
-            f"{1e6 * lat.weight_cost:.3f} table ms per million weights besides its table entry"
+            "calibration: "
+            + ", ".join(f"{n} {ms:.3f} ms" for n, ms in calib_ms.items() if n != "dense")
+            + f"; each layer costs {1e6 * lat.weight_cost:.3f} table ms per million weights "
+            "besides its table entry"
         )
 
         history: list[Candidate] = []
@@ -958,6 +974,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     pruned_acc = stages.run("evaluate", evaluate, pruned, test_loader, "cpu")
 
     # 8. deliver: checkpoint, ONNX measured on the device, report
+    drift = _drift(work / "calibration-middle.onnx", calib_ms["middle"], timing, stages, log)
     iters = max(cfg.iters, 50)
     final = stages.run(
         "measure", measure_model, pruned, shape, timing, out / "model.onnx", iters=iters
@@ -976,6 +993,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         log(f"TensorRT engine ({engine['precision']}) built on {device.name}: model.engine")
     if cfg.budget_ms is not None:
         verdict = "meets" if final_ms <= cfg.budget_ms else "MISSES (measurement noise?)"
+        if final_ms > cfg.budget_ms and drift and not drift["steady"]:
+            verdict = f"MISSES (the device's speed moved {drift['change']:+.0%} during the run)"
         status += f"; delivered model measured {final_ms:.3f} ms, {verdict} the budget"
     log(status)
     save_checkpoint(
@@ -1031,8 +1050,17 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             for g in groups
         ],
         "unstructured": {"amount": cfg.amount, "per_layer": amounts},
-        "timing": {"mode": cfg.timing, "rounds": cfg.timing_rounds, "dense_ms": dense_ms},
-        "calibration": {**calib.to_dict(), "weight_cost": lat.weight_cost},
+        "timing": {
+            "mode": cfg.timing,
+            "rounds": cfg.timing_rounds,
+            "dense_ms": dense_ms,
+            "drift": drift,
+        },
+        "calibration": {
+            **calib.to_dict(),
+            "weight_cost": lat.weight_cost,
+            "measured_ms": calib_ms,
+        },
         "search": [c.to_dict() for c in history],
         "latency_table": {**table_stats, "new_rows": table_stats["rows"] - rows_before},
         "sensitivity_cached": sens_cached,
@@ -1284,6 +1312,33 @@ def _doubtful(ms: float, predicted_ms: float, cfg: PruneConfig) -> bool:
     too far from its prediction. A MobileNetV3-L candidate accepted on one timing of
     0.587 ms (85% of the budget) then timed 0.720, 0.858 and 0.861 ms as delivered."""
     return ms <= (1 + cfg.noise_band) * cfg.budget_ms or _far_off(ms, predicted_ms, cfg)
+
+
+def _drift(
+    middle_onnx: Path, calibrated_ms: float, timing: Timing, stages: _Stages, log
+) -> dict | None:
+    """The middle calibration network timed again before delivery: how far the device's
+    speed moved during the run, as the latencies measured in it see it. In session 9's
+    MobileNetV3-L benchmark that network's ratio to the dense model moved 0.43 -> 0.38
+    between two runs, and one delivered model timed 0.426x in the search, 0.506x at the
+    end. None where the middle network is the dense one (no file kept)."""
+    if not middle_onnx.is_file():
+        return None
+    again = stages.run("measure", timing.time, middle_onnx)["latency"]["median"]
+    change = again / calibrated_ms - 1
+    steady = abs(change) <= STEADY
+    log(
+        f"drift check: the middle calibration network measured {calibrated_ms:.3f} ms at "
+        f"calibration, {again:.3f} ms now ({change:+.1%})"
+        + ("" if steady else f": the device's speed changed during the run (over {STEADY:.0%})")
+    )
+    return {
+        "at_calibration_ms": calibrated_ms,
+        "at_delivery_ms": again,
+        "change": change,
+        "steady": steady,
+        "threshold": STEADY,
+    }
 
 
 def _staircase(lat: LatencyModel, table: LatencyTable, groups) -> dict:

@@ -141,7 +141,9 @@ def markdown(report: dict) -> str:
         "from memory inside the network but from cache when the layer is timed alone "
         "(fitted on two measured networks with their weights at opposite ends). "
         f"Calibration: a monotone curve from that sum through {cal['points']} measured "
-        "models, straight between neighbours in log-log (least-squares line for "
+        "models (dense, middle, smallest, the two with weights at opposite ends, and "
+        "networks with random per-group counts), straight between neighbours in log-log "
+        "(least-squares line for "
         f"comparison: {cal['scale']:.3f} x sum {cal['offset']:+.3f} ms).",
         "",
         f"Device fingerprint {fp['id']}: {device_summary(fp)}, runtime {fp.get('runtime', {})}"
@@ -152,7 +154,8 @@ def markdown(report: dict) -> str:
     if timing.get("mode") == "paired":
         as_timed = pruned.get("latency_as_timed_ms")
         lines += [
-            f"Timing: after the dense model's first measurement ({timing['dense_ms']:.3f} ms), "
+            f"Timing: after the dense model's measurement ({timing['dense_ms']:.3f} ms, the "
+            "median of three), "
             f"every file was timed alternately with it in {timing['rounds']} rounds; its "
             "latency is the median ratio to the dense model times that figure, so a slow "
             "spell of the device moves both and not the search"
@@ -161,6 +164,21 @@ def markdown(report: dict) -> str:
                 f"{pruned['ratio_to_dense']:.3f} x the dense model)."
                 if as_timed
                 else "."
+            ),
+            "",
+        ]
+    drift = timing.get("drift")
+    if drift:
+        lines += [
+            f"Drift check: the middle calibration network measured "
+            f"{drift['at_calibration_ms']:.3f} ms at calibration and "
+            f"{drift['at_delivery_ms']:.3f} ms before delivery ({drift['change']:+.1%}): "
+            + (
+                f"within the {drift['threshold']:.0%} this run treats as steady."
+                if drift["steady"]
+                else f"more than {drift['threshold']:.0%}. The device's speed changed during "
+                "the run, so latencies measured at different times in it (the search's, the "
+                "delivered model's) are uncertain by about that much."
             ),
             "",
         ]

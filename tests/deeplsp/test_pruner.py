@@ -204,7 +204,10 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
     lines = []
     probe = prune(cfg, log=lines.append)
     assert probe["calibration"]["points"] == 8
-    assert any(s.startswith("calibration: middle") and "per million weights" in s for s in lines)
+    assert any(
+        s.startswith("calibration: middle") and "weight-heavy kept" in s and "random 3" in s
+        for s in lines
+    )
     assert probe["calibration"]["weight_cost"] == pytest.approx(2e-5, rel=0.3)
     assert "table ms per million weights" in (tmp_path / "run" / "report.md").read_text()
 
@@ -302,16 +305,21 @@ def test_calibration_networks_add_seeded_random_mixes_to_the_uniform_and_tilted_
     with table:
         lat = prune_mod.LatencyModel(model, shape, groups, table)
         nets = prune_mod.calibration_networks(lat, candidates)
-        assert len(nets) == 5 + prune_mod.RANDOM_NETWORKS
-        assert nets[0] == {g: max(c) for g, c in candidates.items()}
-        assert nets[2] == {g: min(c) for g, c in candidates.items()}
-        assert nets[3:5] == list(prune_mod.tilted(lat, candidates))
-        mixed = nets[5:]
+        randoms = [f"random {i + 1}" for i in range(prune_mod.RANDOM_NETWORKS)]
+        names = ["dense", "middle", "smallest", "weight-heavy cut", "weight-heavy kept"]
+        assert list(nets) == names + randoms
+        assert nets["dense"] == {g: max(c) for g, c in candidates.items()}
+        assert nets["smallest"] == {g: min(c) for g, c in candidates.items()}
+        assert (nets["weight-heavy cut"], nets["weight-heavy kept"]) == prune_mod.tilted(
+            lat, candidates
+        )
+        mixed = [nets[n] for n in randoms]
         assert all(k[g] in candidates[g] for k in mixed for g in candidates)
         # not every group at one ratio (the uniform networks' shape)
         assert any(len({k[g] / max(c) for g, c in candidates.items()}) > 1 for k in mixed)
         assert prune_mod.calibration_networks(lat, candidates) == nets  # seeded
-        assert prune_mod.calibration_networks(lat, candidates, seed=1)[5:] != mixed
+        other = prune_mod.calibration_networks(lat, candidates, seed=1)
+        assert [other[n] for n in randoms] != mixed
 
 
 def test_budget_below_the_smallest_reachable_latency_is_a_clear_error(
@@ -465,8 +473,9 @@ def test_an_outlier_timing_is_timed_again_not_chased(tmp_path, tiny, fashionmnis
     first = clean["search"][0]["measured"]
     # timings before the search: the dense model three times and every other distinct
     # calibration network once (a random one can repeat another on the tiny net)
-    assert clean["calibration"]["points"] == 8 and len(clean["dense"]["timings_ms"]) == 3
-    before = 2 + len({tuple(p) for p in clean["calibration"]["fit_points"]})
+    assert len(clean["calibration"]["measured_ms"]) == 8
+    assert len(clean["dense"]["timings_ms"]) == 3
+    before = 2 + len(set(clean["calibration"]["measured_ms"].values()))
     tiny["log"].clear()
     prune(_cfg(tmp_path, fashionmnist_dir, budget_ms=budget), log=lambda s: None)
     assert tiny["log"][before] == first["latency"]["median"]
@@ -531,8 +540,39 @@ def test_paired_timing_holds_the_dense_models_speed_while_the_device_drifts(
     for c in r["search"]:
         assert c["measured"]["as_timed"]["median"] > c["measured"]["latency"]["median"]
     assert len(windows) > 40
-    assert r["timing"] == {"mode": "paired", "rounds": 5, "dense_ms": _dense_ms(r)}
-    assert "timed alternately with it in 5 rounds" in (out / "report.md").read_text()
+    timing = {k: r["timing"][k] for k in ("mode", "rounds", "dense_ms")}
+    assert timing == {"mode": "paired", "rounds": 5, "dense_ms": _dense_ms(r)}
+    # the device slowed evenly: pairing cancels it, and the drift check sees none
+    drift = r["timing"]["drift"]
+    assert drift["change"] == pytest.approx(0.0, abs=1e-9) and drift["steady"]
+    md = (out / "report.md").read_text()
+    assert "timed alternately with it in 5 rounds" in md
+    assert "within the 5% this run treats as steady" in md
+
+
+def test_the_drift_check_says_when_the_devices_speed_changed_during_the_run(
+    tmp_path, drifting, fashionmnist_dir
+):
+    """Timed absolutely, a device that slows 4% a window has slowed by far more than 5%
+    between calibration and delivery: the middle calibration network, timed again, says
+    so in the log and the report."""
+    _, windows = drifting
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, timing="absolute")
+    lines = []
+    r = prune(cfg, log=lines.append)
+    drift = r["timing"]["drift"]
+    # timed at calibration (after the dense model's three windows) and again just before
+    # the delivered model's three
+    middle = windows[3]
+    assert middle.name == "calibration-middle.onnx" and windows[-4] == middle
+    assert windows.count(middle) == 2
+    assert drift["at_calibration_ms"] == pytest.approx(r["calibration"]["measured_ms"]["middle"])
+    slowed = drift["at_delivery_ms"] / drift["at_calibration_ms"]
+    assert slowed == pytest.approx(1.04 ** (len(windows) - 4 - 3)) and slowed > 1.05
+    assert drift["change"] == pytest.approx(slowed - 1) and not drift["steady"]
+    assert any(s.startswith("drift check:") and "speed changed" in s for s in lines)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "The device's speed changed during the run" in md
 
 
 def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_dir):
@@ -540,9 +580,9 @@ def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_
     cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.5, finetune_epochs=0, timing="absolute")
     r = prune(cfg, log=lambda s: None)
     # dense and the delivered one three times each, every other distinct calibration
-    # network once (a random one can repeat another on the tiny net)
-    distinct = len({tuple(p) for p in r["calibration"]["fit_points"]})
-    assert len(windows) == 6 + distinct - 1
+    # network once (a random one can repeat another on the tiny net), the middle twice
+    distinct = len(set(r["calibration"]["measured_ms"].values()))
+    assert len(windows) == 6 + distinct
     assert r["pruned"]["ratio_to_dense"] is None and r["timing"]["mode"] == "absolute"
     assert "alternately" not in (tmp_path / "run" / "report.md").read_text()
 
