@@ -4,8 +4,9 @@ latency table costs to build.
 For each model at the Fashion-MNIST shape (1x32x32; fresh weights: latency does
 not depend on weight values), N random pruned variants (every group at a random
 candidate keep count, 8 ratios) are predicted from the per-layer table with the
-pipeline's calibration (its five measured networks, which also fit the cost per
-weight element that the table does not see) and then pruned
+pipeline's calibration (its eight measured networks: dense, middle, smallest, two
+tilted ones that also fit the cost per weight element that the table does not see,
+three random ones) and then pruned
 for real, exported and measured on the `cpu` device (median of the middle of
 three timed windows, as the pipeline does). Reports the share within +-10%, and
 the table's cold (empty cache) and warm build times.
@@ -54,13 +55,11 @@ from deeplsp.pruner import (
     LatencyModel,
     Timing,
     calibrate,
-    calibration_networks,
     candidate_keeps,
     measure_model,
 )
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
-from export import export_onnx
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
@@ -147,7 +146,9 @@ def main() -> None:
         if "table" not in entry:
             rng_table = random.Random(args.seed + 1)
             entry["table"] = table_cost(model, shape, groups, candidates, device, rng_table)
-        rng = random.Random(args.seed)
+        # Not the calibration's stream (calibration_networks, seed 0): drawn from it, session
+        # 10's variant 0 was the calibration's first random network, a point on the curve.
+        rng = random.Random(f"variants-{args.seed}")
         with LatencyTable(device, cache) as table, tempfile.TemporaryDirectory() as tmp:
             lat = LatencyModel(model, shape, groups, table)
             timing = Timing(device, 10, args.iters)
@@ -155,14 +156,13 @@ def main() -> None:
             dense_ms = measure_model(model, shape, timing, dense_onnx)["latency"]["median"]
             if args.timing == "paired":
                 timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
-            calib, small_ms = calibrate(lat, model, shape, timing, candidates, dense_ms)
-            entry.setdefault("dense_ms", dense_ms)
-            entry.setdefault("smallest_ms", small_ms)
             # the drift sentinel: the middle calibration network, timed again after each variant
             middle = Path(tmp) / "middle.onnx"
-            net = calibration_networks(lat, candidates)[1]
-            export_onnx(prune_groups(copy.deepcopy(model), shape, net), shape, middle)
-            middle_ms = calib.fit_points[1][1]
+            calib, calib_ms = calibrate(
+                lat, model, shape, timing, candidates, dense_ms, middle_onnx=middle
+            )
+            entry.setdefault("dense_ms", dense_ms)
+            entry.setdefault("smallest_ms", calib_ms["smallest"])
             for i in range(args.n):
                 keeps = {g: rng.choice(c) for g, c in candidates.items()}
                 if i < len(entry["variants"]):
@@ -174,7 +174,7 @@ def main() -> None:
                 measured = measure_model(pruned, shape, timing, onnx_path)["latency"]["median"]
                 # the same file again, in another fresh process, a few seconds later
                 again = timing.time(onnx_path)["latency"]["median"]
-                drift = timing.time(middle)["latency"]["median"] / middle_ms - 1
+                drift = timing.time(middle)["latency"]["median"] / calib_ms["middle"] - 1
                 err = (predicted - measured) / measured
                 entry["variants"].append(
                     {
@@ -186,7 +186,11 @@ def main() -> None:
                         "rel_error": err,
                         "table_ms": table_ms,
                         "weights": weights,
-                        "calibration": {**calib.to_dict(), "weight_cost": lat.weight_cost},
+                        "calibration": {
+                            **calib.to_dict(),
+                            "weight_cost": lat.weight_cost,
+                            "measured_ms": calib_ms,
+                        },
                     }
                 )
                 write_results(state, args)  # kept as soon as measured
@@ -221,8 +225,8 @@ def write_results(state: dict, args) -> None:
         f"ratios), input 1x32x32, batch 1. Predicted: per-layer table sum (layers timed in a "
         f"fresh process) plus `weight_cost_per_M` table ms per million weights, calibrated "
         f"on the pipeline's measured networks (dense, middle, smallest, two tilted ones "
-        f"that fit the weight cost and, since session 10, three random ones; session 8 and "
-        f"earlier: the first three). Measured: "
+        f"that also fit the weight cost and, since session 10, three random ones; session 8 "
+        f"and earlier: the first three). Measured: "
         f"exported ONNX in a fresh process, {how}. Every "
         f"variant measured twice, independently: `remeasured_within_10pct` is the share of "
         f"second measurements within 10% of the first, the ceiling for any predictor on this "
