@@ -630,7 +630,10 @@ def calibrate(
     networks are on the curve because a search's candidates are not uniform (50 random
     MobileNetV3-L variants, 1 thread: 74% within +-10% through the uniform networks
     alone, 82% with them). The middle point matters: on the CPU the relation is not a
-    straight line between the two ends. The middle network's ONNX file is kept at
+    straight line between the two ends. The curve is smooth (`Calibration.smooth`), not
+    drawn through every network: each random or tilted one lies off the curve by its own
+    scatter, and interpolating through them put ResNet-18 variants near the steep segment
+    they made 15% high. The middle network's ONNX file is kept at
     `middle_onnx` (when it is not the dense network), so the run can time it again
     (see `STEADY`)."""
     nets = calibration_networks(lat, candidates)
@@ -650,8 +653,8 @@ def calibrate(
     uniform = [point[n] for n in ("dense", "middle", "smallest")]
     probes = [point["weight-heavy cut"], point["weight-heavy kept"]]
     lat.weight_cost = fit_weight_cost(uniform, probes)
-    calib = Calibration.fit([lat.table_sum(k) for k in nets.values()], list(measured.values()))
-    return calib, measured
+    sums = [lat.table_sum(k) for k in nets.values()]
+    return Calibration.fit(sums, list(measured.values()), smooth=True), measured
 
 
 def tilted(

@@ -140,11 +140,16 @@ def markdown(report: dict) -> str:
         f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights, read "
         "from memory inside the network but from cache when the layer is timed alone "
         "(fitted on two measured networks with their weights at opposite ends). "
-        f"Calibration: a monotone curve from that sum through {cal['points']} measured "
-        "models (dense, middle, smallest, the two with weights at opposite ends, and "
-        "networks with random per-group counts), straight between neighbours in log-log "
-        "(least-squares line for "
-        f"comparison: {cal['scale']:.3f} x sum {cal['offset']:+.3f} ms).",
+        f"Calibration: a monotone curve from that sum to latency, fitted on {cal['points']} "
+        "measured models (dense, middle, smallest, the two with weights at opposite ends, and "
+        "networks with random per-group counts): "
+        + (
+            "a quadratic in log-log through the dense and the smallest, bent to fit the rest"
+            if cal.get("smooth")
+            else "straight between neighbours in log-log"
+        )
+        + f" (least-squares line for comparison: {cal['scale']:.3f} x sum "
+        f"{cal['offset']:+.3f} ms).",
         "",
         f"Device fingerprint {fp['id']}: {device_summary(fp)}, runtime {fp.get('runtime', {})}"
         f"{via}.",

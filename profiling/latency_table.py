@@ -485,6 +485,12 @@ class Calibration:
     models (dense, middle, smallest) put 38% there, biased +16.7%
     (bench/results/latency_prediction-paired.json). `scale` and `offset` are that
     line, kept as a summary and for a single measured model.
+
+    `smooth` fits instead of interpolating: a quadratic in log-log through the
+    two end points (the largest and smallest sums), its bend fitted to the points
+    between by least squares and limited so the curve never falls. With eight
+    calibration networks, several of them random, interpolating chases each one's
+    own scatter about the curve (see `calibrate` in deeplsp/pruner.py).
     """
 
     scale: float
@@ -493,9 +499,12 @@ class Calibration:
     max_rel_error: float
     # (table_sum_ms, measured_ms) pairs the line was fitted on, kept so it can be refitted.
     fit_points: tuple[tuple[float, float], ...] = field(default=(), repr=False)
+    smooth: bool = False
 
     @classmethod
-    def fit(cls, table_sums_ms: Sequence[float], measured_ms: Sequence[float]) -> Calibration:
+    def fit(
+        cls, table_sums_ms: Sequence[float], measured_ms: Sequence[float], smooth: bool = False
+    ) -> Calibration:
         """Least squares; one point gives a pure ratio; never a non-positive scale."""
         if len(table_sums_ms) != len(measured_ms):
             raise DeepLSPError(
@@ -523,6 +532,7 @@ class Calibration:
             points=len(xs),
             max_rel_error=float(rel.max()),
             fit_points=tuple((float(x), float(y)) for x, y in zip(xs, ys, strict=True)),
+            smooth=smooth,
         )
 
     def _curve(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -543,13 +553,43 @@ class Calibration:
         ly = [b[0] / b[1] for b in blocks for _ in range(b[2])]
         return np.log(xs), np.asarray(ly)
 
+    def _bend(self) -> tuple[float, float, float, float, float] | None:
+        """(lo, y at lo, hi, y at hi, bend) of the smooth curve in log-log, where
+        log ms = the line through the ends + bend * (x - lo) * (x - hi); None where there
+        is no point between the ends or the ends do not rise."""
+        curve = self._curve()
+        if curve is None or len(curve[0]) < 3:
+            return None
+        by_sum: dict[float, list[float]] = {}
+        for x, y in self.fit_points:
+            by_sum.setdefault(math.log(x), []).append(math.log(y))
+        lx = sorted(by_sum)
+        lo, hi = lx[0], lx[-1]
+        ylo, yhi = (float(np.mean(by_sum[x])) for x in (lo, hi))
+        slope = (yhi - ylo) / (hi - lo)
+        if not slope > 0:
+            return None
+        inner = [(x, y) for x in lx[1:-1] for y in by_sum[x]]
+        basis = np.array([(x - lo) * (x - hi) for x, _ in inner])
+        resid = np.array([y - ylo - slope * (x - lo) for x, y in inner])
+        bend = float(basis @ resid / (basis @ basis))
+        limit = slope / (hi - lo)  # the slope at either end stays >= 0
+        return lo, ylo, hi, yhi, min(limit, max(-limit, bend))
+
     def predict(self, table_sum_ms: float) -> float:
         """Predicted end-to-end ms of a network whose layers sum to `table_sum_ms` in the table."""
         curve = self._curve()
         if curve is None or not table_sum_ms > 0:
             return self.scale * table_sum_ms + self.offset
-        lx, ly = curve
         x = math.log(table_sum_ms)
+        bent = self._bend() if self.smooth else None
+        if bent is not None:
+            lo, ylo, hi, yhi, bend = bent
+            slope = (yhi - ylo) / (hi - lo)
+            end = min(hi, max(lo, x))  # beyond the ends: straight on, at the end's slope
+            y = ylo + slope * (end - lo) + bend * (end - lo) * (end - hi)
+            return math.exp(y + (slope + bend * (2 * end - lo - hi)) * (x - end))
+        lx, ly = curve
         i = int(np.clip(np.searchsorted(lx, x) - 1, 0, len(lx) - 2))
         slope = (ly[i + 1] - ly[i]) / (lx[i + 1] - lx[i])
         return math.exp(ly[i] + slope * (x - lx[i]))
@@ -577,6 +617,7 @@ class Calibration:
             "points": self.points,
             "max_rel_error": self.max_rel_error,
             "fit_points": [list(p) for p in self.fit_points],
+            "smooth": self.smooth,
         }
 
 

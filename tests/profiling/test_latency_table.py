@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import sqlite3
 
 import numpy as np
@@ -353,6 +354,54 @@ def test_calibration_one_point_and_fallbacks():
         Calibration.fit([1.0, 2.0], [1.0])
     with pytest.raises(DeepLSPError):
         Calibration.fit([0.0], [1.0])
+
+
+def test_smooth_calibration_follows_a_bent_power_law_through_its_ends():
+    """A device whose log latency is a quadratic in the log table sum: the smooth curve
+    recovers it between the points, goes through both ends, and goes on straight (in
+    log-log) beyond them; the table budget inverts it."""
+
+    def law(s: float) -> float:
+        return 0.3 * s**1.4 * math.exp(0.05 * math.log(s) ** 2)
+
+    sums = [0.5, 1.0, 2.0, 4.0, 8.0]
+    cal = Calibration.fit(sums, [law(s) for s in sums], smooth=True)
+    for s in (0.5, 0.7, 1.5, 3.0, 6.0, 8.0):
+        assert cal.predict(s) == pytest.approx(law(s), rel=1e-9)
+    assert cal.table_budget(law(3.0)) == pytest.approx(3.0, rel=1e-6)
+    # beyond the ends, the slope of the curve at the end (law's own slope keeps bending)
+    slope_hi = 1.4 + 0.1 * math.log(8.0)
+    assert cal.predict(16.0) == pytest.approx(law(8.0) * 2**slope_hi, rel=1e-9)
+    assert cal.predict(16.0) < law(16.0)
+    assert json.loads(json.dumps(cal.to_dict()))["smooth"] is True
+
+
+def test_smooth_calibration_averages_the_scatter_that_interpolation_chases():
+    """Networks scatter about the device's curve (each one's own layers): alternate
+    points 8% high and low. Interpolating goes through each and is up to 8% off the
+    curve between them; the smooth curve passes between them."""
+    sums = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0]
+    noise = [1.0, 1.08, 0.92, 1.08, 0.92, 1.08, 1.0]  # the ends on the curve
+    measured = [0.3 * s**1.4 * n for s, n in zip(sums, noise, strict=True)]
+    smooth = Calibration.fit(sums, measured, smooth=True)
+    interpolated = Calibration.fit(sums, measured)
+    probe = [0.75, 1.0, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 6.0]
+
+    def worst(cal: Calibration) -> float:
+        return max(abs(cal.predict(s) / (0.3 * s**1.4) - 1) for s in probe)
+
+    assert worst(smooth) < 0.04 < 0.07 < worst(interpolated)
+
+
+def test_smooth_calibration_never_falls_and_needs_a_point_between_its_ends():
+    # a middle network measured far above the line: the bend is limited, the curve rises
+    cal = Calibration.fit([1.0, 2.0, 4.0], [1.0, 3.5, 4.0], smooth=True)
+    values = [cal.predict(s) for s in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)]
+    assert values == sorted(values) and values[1] == pytest.approx(1.0)
+    assert values[5] == pytest.approx(4.0)
+    # two points: nothing to bend, the same curve as interpolating
+    two = Calibration.fit([1.0, 4.0], [1.0, 3.0], smooth=True)
+    assert two.predict(2.0) == pytest.approx(Calibration.fit([1.0, 4.0], [1.0, 3.0]).predict(2.0))
 
 
 def test_calibration_to_dict_is_json():
