@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -1217,11 +1218,10 @@ def _closed_loop(cfg, shape, timing, lat, candidates, sens, calib, history, log,
                 # An e2e run timed a candidate predicted at 4.78 ms at 6.55 ms, and the
                 # correction that followed collapsed the search to the smallest network
                 # (13% top-1). Two more timings; the median of the three counts.
-                runs = [ms] + [timing.time(onnx_path)["latency"]["median"] for _ in range(2)]
-                ms = sorted(runs)[1]
-                cand.measured["latency"]["median"] = ms
-                cand.measured["timings_ms"] = runs
-                log(f"iteration {it + 1}: timed again ({', '.join(f'{t:.3f}' for t in runs)} ms)")
+                cand.measured = timed_thrice(cand.measured, partial(timing.time, onnx_path))
+                ms = cand.measured["latency"]["median"]
+                runs = ", ".join(f"{t:.3f}" for t in cand.measured["timings_ms"])
+                log(f"iteration {it + 1}: timed again ({runs} ms)")
         cand.note = f"iteration {it + 1}" + (
             " (between)" if not from_knapsack else f" (blend {blend:g})" if chose else ""
         )
