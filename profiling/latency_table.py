@@ -557,13 +557,12 @@ class Calibration:
         """(lo, y at lo, hi, y at hi, bend) of the smooth curve in log-log, where
         log ms = the line through the ends + bend * (x - lo) * (x - hi); None where there
         is no point between the ends or the ends do not rise."""
-        curve = self._curve()
-        if curve is None or len(curve[0]) < 3:
-            return None
         by_sum: dict[float, list[float]] = {}
         for x, y in self.fit_points:
             by_sum.setdefault(math.log(x), []).append(math.log(y))
         lx = sorted(by_sum)
+        if len(lx) < 3:
+            return None
         lo, hi = lx[0], lx[-1]
         ylo, yhi = (float(np.mean(by_sum[x])) for x in (lo, hi))
         slope = (yhi - ylo) / (hi - lo)
@@ -578,17 +577,18 @@ class Calibration:
 
     def predict(self, table_sum_ms: float) -> float:
         """Predicted end-to-end ms of a network whose layers sum to `table_sum_ms` in the table."""
-        curve = self._curve()
-        if curve is None or not table_sum_ms > 0:
-            return self.scale * table_sum_ms + self.offset
-        x = math.log(table_sum_ms)
-        bent = self._bend() if self.smooth else None
+        bent = self._bend() if self.smooth and table_sum_ms > 0 else None
         if bent is not None:
+            x = math.log(table_sum_ms)
             lo, ylo, hi, yhi, bend = bent
             slope = (yhi - ylo) / (hi - lo)
             end = min(hi, max(lo, x))  # beyond the ends: straight on, at the end's slope
             y = ylo + slope * (end - lo) + bend * (end - lo) * (end - hi)
             return math.exp(y + (slope + bend * (2 * end - lo - hi)) * (x - end))
+        curve = self._curve()
+        if curve is None or not table_sum_ms > 0:
+            return self.scale * table_sum_ms + self.offset
+        x = math.log(table_sum_ms)
         lx, ly = curve
         i = int(np.clip(np.searchsorted(lx, x) - 1, 0, len(lx) - 2))
         slope = (ly[i + 1] - ly[i]) / (lx[i + 1] - lx[i])
