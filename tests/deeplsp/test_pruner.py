@@ -1018,3 +1018,22 @@ def test_threads_are_checked(tmp_path, monkeypatch):
                       device="gpu", threads=1)  # fmt: skip
     with pytest.raises(DeepLSPError, match="--threads sets ONNX Runtime's threads; device 'gpu' "):
         prune(cfg, log=lambda s: None)
+
+
+def test_the_search_verdict_says_why_a_network_under_the_band_was_kept():
+    """Under the band with a network in it measured too: kept for its lower loss, and the
+    verdict says so instead of asking for more iterations; alone under it: it asks."""
+    cfg = PruneConfig(model="resnet18", dataset="fashionmnist", out="x", budget_ms=10.0)
+    floor_ms, goal_ms = 8.5, 9.4
+
+    def cand(ms: float) -> prune_mod.Candidate:
+        return prune_mod.Candidate({}, 1.0, ms, measured={"latency": {"median": ms}})
+
+    fast, in_band, over = cand(7.0), cand(9.0), cand(9.9)
+    kept = prune_mod._search_status(fast, [fast, over, in_band], floor_ms, goal_ms, cfg)
+    assert kept.startswith("search: measured 7.000 ms <= 9.400 ms")
+    assert "under the band (70% of the budget), kept over 1 network(s) measured in it" in kept
+    assert "max-iterations" not in kept
+    alone = prune_mod._search_status(fast, [fast, over], floor_ms, goal_ms, cfg)
+    assert "WELL UNDER the budget (70% of it)" in alone and "--max-iterations" in alone
+    assert "under" not in prune_mod._search_status(in_band, [fast, in_band], 8.5, 9.4, cfg)
