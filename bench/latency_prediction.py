@@ -51,6 +51,7 @@ from deeplsp.atomic import write_json, write_text
 from deeplsp.models import build_model
 from deeplsp.pruner import (
     RATIOS,
+    STEADY,
     TIMINGS,
     LatencyModel,
     Timing,
@@ -63,7 +64,6 @@ from devices import fingerprint, get_device
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
-STEADY = 0.05  # the middle calibration network within 5% of its calibration timing
 
 
 def table_cost(model, shape, groups, candidates, device, rng) -> dict:
