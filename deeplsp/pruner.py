@@ -654,7 +654,7 @@ def calibrate(
     uniform = [point[n] for n in ("dense", "middle", "smallest")]
     probes = [point["weight-heavy cut"], point["weight-heavy kept"]]
     lat.weight_cost = fit_weight_cost(uniform, probes)
-    sums = [lat.table_sum(k) for k in nets.values()]
+    sums = [table_ms + lat.weight_cost * weights for table_ms, weights, _ in point.values()]
     return Calibration.fit(sums, list(measured.values()), smooth=True), measured
 
 
@@ -1264,7 +1264,7 @@ def _search_status(
     )
     if ms >= floor_ms:
         return status
-    in_band = [c for c in history if floor_ms <= c.measured["latency"]["median"] <= goal_ms]
+    in_band = [c for c in history if _side(c, floor_ms, goal_ms) == 0]
     if in_band:
         return status + (
             f"; under the band ({ms / cfg.budget_ms:.0%} of the budget), kept over "

@@ -554,9 +554,9 @@ class Calibration:
         return np.log(xs), np.asarray(ly)
 
     def _bend(self) -> tuple[float, float, float, float, float] | None:
-        """(lo, y at lo, hi, y at hi, bend) of the smooth curve in log-log, where
-        log ms = the line through the ends + bend * (x - lo) * (x - hi); None where there
-        is no point between the ends or the ends do not rise."""
+        """(lo, y at lo, hi, slope, bend) of the smooth curve in log-log, where log ms =
+        y at lo + slope * (x - lo) + bend * (x - lo) * (x - hi); None where there is no
+        point between the ends or the ends do not rise."""
         by_sum: dict[float, list[float]] = {}
         for x, y in self.fit_points:
             by_sum.setdefault(math.log(x), []).append(math.log(y))
@@ -573,15 +573,14 @@ class Calibration:
         resid = np.array([y - ylo - slope * (x - lo) for x, y in inner])
         bend = float(basis @ resid / (basis @ basis))
         limit = slope / (hi - lo)  # the slope at either end stays >= 0
-        return lo, ylo, hi, yhi, min(limit, max(-limit, bend))
+        return lo, ylo, hi, slope, min(limit, max(-limit, bend))
 
     def predict(self, table_sum_ms: float) -> float:
         """Predicted end-to-end ms of a network whose layers sum to `table_sum_ms` in the table."""
         bent = self._bend() if self.smooth and table_sum_ms > 0 else None
         if bent is not None:
             x = math.log(table_sum_ms)
-            lo, ylo, hi, yhi, bend = bent
-            slope = (yhi - ylo) / (hi - lo)
+            lo, ylo, hi, slope, bend = bent
             end = min(hi, max(lo, x))  # beyond the ends: straight on, at the end's slope
             y = ylo + slope * (end - lo) + bend * (end - lo) * (end - hi)
             return math.exp(y + (slope + bend * (2 * end - lo - hi)) * (x - end))
