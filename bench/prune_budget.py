@@ -5,8 +5,8 @@ Protocol (issue 3, benchmarks 1-3 and 5), real Fashion-MNIST:
   `--train-subset` images) and cached in bench/cache/;
 - budgets at `--budgets` fractions of the dense model's measured latency;
 - DeepLSP (`deeplsp.pruner.prune`, full 8-ratio search, structured only), once per
-  `--allocations` value (knapsack: "DeepLSP", threshold: "DeepLSP threshold") and once
-  more per further `--selections` value ("DeepLSP adaptive-bn"), given the
+  `--allocations` value ("DeepLSP threshold"), the knapsack once per `--selections`
+  value ("DeepLSP knapsack adaptive-bn", the default), given the
   budget as that fraction (`budget_ratio`): it measures the dense model itself, and
   on a machine whose speed drifts between two measurements of the same file a
   fraction means the same to every method where a number of ms would not;
@@ -171,9 +171,8 @@ def main() -> None:
     )
     p.add_argument(
         "--selections",
-        default="sensitivity",
-        help="DeepLSP's --selection values to run with the knapsack, each a row "
-        "(adaptive-bn is 'DeepLSP adaptive-bn')",
+        default="adaptive-bn",
+        help="DeepLSP's --selection values to run with the knapsack, each a row",
     )
     p.add_argument(
         "--seeds",
@@ -202,12 +201,15 @@ def main() -> None:
 
 
 def variants(args) -> list[tuple[str, str]]:
-    """DeepLSP's (allocation, selection) pairs to run: every asked allocation with the
-    default selection, then the knapsack with each other asked selection (adaptive-BN
-    selection chooses among knapsack answers only)."""
-    selections = args.selections.split(",")
-    out = [(a, selections[0]) for a in args.allocations.split(",")]
-    return out + [("knapsack", s) for s in selections[1:]]
+    """DeepLSP's (allocation, selection) pairs to run: the knapsack with each asked
+    selection, the threshold rule with its own (it has one answer per budget)."""
+    out = []
+    for allocation in args.allocations.split(","):
+        if allocation == "knapsack":
+            out += [(allocation, s) for s in args.selections.split(",")]
+        else:
+            out.append((allocation, "sensitivity"))
+    return out
 
 
 def run(args, device, work, rows, test_loader, batches) -> None:
@@ -237,10 +239,8 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 cache_dir=str(HERE / "cache"),
             )
             for allocation, selection in variants(args):
-                method = " ".join(
-                    ["DeepLSP"]
-                    + [allocation] * (allocation != "knapsack")
-                    + [selection] * (selection != "sensitivity")
+                method = f"DeepLSP {allocation}" + (
+                    f" {selection}" if allocation == "knapsack" else ""
                 )
                 t0 = time.perf_counter()
                 # unfine-tuned: the bench fine-tunes it over the seeds, as it does the baselines

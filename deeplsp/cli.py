@@ -560,10 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument(
         "--selection",
         choices=("sensitivity", "adaptive-bn"),  # deeplsp.pruner.SELECTIONS (torch-free here)
-        default="sensitivity",
-        help="which knapsack answer to measure: the loss-increase knapsack's, or "
-        "(experimental) the best by adaptive-BN loss among blends of loss increase and "
-        "removed importance (default: %(default)s)",
+        default=None,
+        help="which knapsack answer to measure: the loss-increase knapsack's unless, among "
+        "the knapsack's answers under blends of loss increase and removed importance, one "
+        "has a clearly lower loss after BatchNorm re-estimation (adaptive-bn, the "
+        "knapsack's default); or the loss-increase knapsack's alone (sensitivity, the "
+        "threshold rule's)",
     )
     pn.add_argument(
         "--allocation",

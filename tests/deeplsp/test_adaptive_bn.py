@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deeplsp.adaptive_bn import adapted_loss
+from deeplsp.adaptive_bn import adapted_loss, adapted_losses, clearly_lower, lower_by
 from deeplsp.errors import DeepLSPError
 
 
@@ -63,3 +63,23 @@ def test_stale_statistics_are_re_estimated_and_the_model_is_left_alone():
 def test_no_batches_is_a_clear_error():
     with pytest.raises(DeepLSPError, match="needs batches"):
         adapted_loss(_net(), [], _batches(1, 0))
+
+
+def test_per_image_losses_average_to_the_loss():
+    model = _net()
+    adapt, held = _batches(2, 2), _batches(3, 3)
+    losses = adapted_losses(model, adapt, held)
+    assert losses.shape == (48,) and bool((losses >= 0).all())
+    assert adapted_loss(model, adapt, held) == pytest.approx(float(losses.mean()))
+
+
+def test_a_gap_counts_as_clear_only_beyond_two_standard_errors_of_the_paired_differences():
+    base = torch.linspace(0.5, 2.5, 100)  # the images' own difficulty cancels in pairs
+    swing = torch.tensor([1.0, -1.0]).repeat(50)  # differences 0.1 +- 1: standard error 0.1
+    gap, se = lower_by(base - 0.1 + swing, base)
+    assert gap == pytest.approx(0.1) and se == pytest.approx((100 / 99) ** 0.5 / 10)
+    assert not clearly_lower(base - 0.1 + swing, base)  # 1 standard error
+    assert clearly_lower(base - 0.1 + 0.2 * swing, base)  # 5 standard errors
+    assert not clearly_lower(base + 0.1, base)  # higher is never lower
+    assert clearly_lower(base - 0.01, base)  # no scatter: any gap is clear
+    assert not clearly_lower(base, base)

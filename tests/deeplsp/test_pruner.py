@@ -698,8 +698,9 @@ def test_coupled_allocation_holds_the_budget_when_narrow_inputs_time_slower(tmp_
         assert keeps != {g: min(c) for g, c in candidates.items()}
 
 
-def test_adaptive_bn_selection_measures_the_blend_with_the_lowest_adapted_loss(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_lower_loss(
+    tmp_path, monkeypatch, noise
 ):
     from deeplsp.structure import channel_scores, find_groups, order_of
     from devices import DEVICES
@@ -722,12 +723,16 @@ def test_adaptive_bn_selection_measures_the_blend_with_the_lowest_adapted_loss(
     tables = {1.0: sens, 0.0: cut("features.6")}
     judged = []
 
-    def fake_adapted_loss(net, adapt, held):  # favours a wide middle layer
-        loss = 1.0 / net.features[3].out_channels
-        judged.append(loss)
-        return loss
+    def fake_adapted_losses(net, adapt, held):
+        """Favours a wide middle layer by 1/width on average; with `noise`, each image's
+        loss also swings by +-width/4, so the paired gap (<= 0.19 here) sits within two
+        standard errors (>= 0.25)."""
+        width = net.features[3].out_channels
+        judged.append(width)
+        swing = torch.tensor([1.0, -1.0]).repeat(32) * noise * width / 4
+        return 1.0 / width + swing
 
-    monkeypatch.setattr(prune_mod, "adapted_loss", fake_adapted_loss)
+    monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
     table = LatencyTable(
         DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
     )
@@ -737,16 +742,22 @@ def test_adaptive_bn_selection_measures_the_blend_with_the_lowest_adapted_loss(
         answers = {
             b: prune_mod.allocate_coupled(lat, candidates, t, budget)[0] for b, t in tables.items()
         }
-        assert answers[1.0] != answers[0.0]  # the case: the blends disagree
+        assert answers[1.0]["features.3"] < answers[0.0]["features.3"]  # the case
         data = ([(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))],) * 2
         sel = prune_mod.Selector(
             model, shape, order_of(scores), lat, candidates, sens, tables, data
         )
         keeps, blend, line = sel.allocate(budget)
-    best = max((1.0, 0.0), key=lambda b: answers[b]["features.3"])
-    assert keeps == answers[best] and blend == best
-    assert line.startswith("adaptive-BN loss by blend 1: ") and line.endswith(f"chose {best:g}")
-    assert sel.score(keeps) == min(judged) and len(judged) == 2  # each answer judged once
+    assert line.startswith("adaptive-BN loss by blend 1: ")
+    if noise:  # within the estimate's noise: the loss-increase knapsack's answer stands
+        assert keeps == answers[1.0] and blend == 1.0
+        assert line.endswith("none clearly below blend 1's, kept it")
+    else:
+        assert keeps == answers[0.0] and blend == 0.0
+        gap = 1 / answers[1.0]["features.3"] - 1 / answers[0.0]["features.3"]
+        assert f"chose 0, {gap:.3f} below blend 1's (standard error 0.000)" in line
+    assert len(judged) == 2  # each answer judged once
+    assert sel.score(keeps) == pytest.approx(1.0 / keeps["features.3"])
 
 
 def test_a_budget_run_with_adaptive_bn_selection_scores_every_candidate(
@@ -990,6 +1001,20 @@ def test_the_threshold_rule_chooses_among_every_multiple_of_the_channel_multiple
 def test_allocation_settings_are_checked(tmp_path, kw, message):
     with pytest.raises(DeepLSPError, match=message):
         PruneConfig(model="m", dataset="d", out=str(tmp_path), budget_ratio=0.5, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, selection",
+    [
+        ({}, "adaptive-bn"),  # the knapsack's answers are checked against a collapse
+        ({"allocation": "threshold"}, "sensitivity"),  # one answer per budget
+        ({"selection": "sensitivity"}, "sensitivity"),
+    ],
+)
+def test_the_selection_defaults_to_adaptive_bn_for_the_knapsack(tmp_path, kw, selection):
+    cfg = PruneConfig(model="m", dataset="d", out=str(tmp_path), budget_ratio=0.5, **kw)
+    assert cfg.selection == selection
+    assert PruneConfig.from_dict(cfg.to_dict()).selection == selection  # a report repeats it
 
 
 def test_a_timing_the_search_could_accept_is_never_trusted_alone(tmp_path):
