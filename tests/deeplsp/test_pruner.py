@@ -130,7 +130,10 @@ def test_budget_run_delivers_a_smaller_measured_model_and_all_outputs(
     assert delivered <= budget
     assert r["pruned"]["cost"]["macs"] < r["dense"]["cost"]["macs"]
     assert 1 <= len(r["search"]) <= 4
-    assert all(c["score"] is None for c in r["search"])  # no adaptive-BN loss unless asked
+    # the knapsack's default selection reads every candidate's adaptive-BN loss
+    assert all(isinstance(c["score"], float) and c["score"] > 0 for c in r["search"])
+    assert r["config"]["selection"] == "adaptive-bn"
+    assert "adaptive-BN loss" in (out / "report.md").read_text()
     ratios = {g["id"]: g["ratio"] for g in r["groups"]}
     assert min(ratios.values()) < 1.0
     # the checkpoint rebuilds the pruned architecture
@@ -760,28 +763,27 @@ def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_low
     assert sel.score(keeps) == pytest.approx(1.0 / keeps["features.3"])
 
 
-def test_a_budget_run_with_adaptive_bn_selection_scores_every_candidate(
+def test_a_budget_run_with_sensitivity_selection_reads_no_adaptive_bn_loss(
     tmp_path, tiny, fashionmnist_dir
 ):
     probe = prune(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
     budget = 0.5 * _dense_ms(probe)
+    lines = []
     r = prune(
         _cfg(
             tmp_path,
             fashionmnist_dir,
             budget_ms=budget,
             finetune_epochs=0,
-            selection="adaptive-bn",
-            abn_images=32,
+            selection="sensitivity",
         ),
-        log=lambda s: None,
+        log=lines.append,
     )
     assert r["pruned"]["latency_ms"]["median"] <= budget
-    scores = [c["score"] for c in r["search"]]
-    assert scores and all(isinstance(x, float) and x > 0 for x in scores)
-    assert "adaptive-BN loss" in (tmp_path / "run" / "report.md").read_text()
+    assert r["search"] and all(c["score"] is None for c in r["search"])
+    assert not any("adaptive-BN" in line for line in lines)
 
 
 def test_cost_tables_blend_loss_with_removed_importance():
