@@ -167,7 +167,8 @@ def main() -> None:
     p.add_argument(
         "--allocations",
         default="knapsack,threshold",
-        help="DeepLSP's --allocation values to run, each a row (knapsack is 'DeepLSP')",
+        help="DeepLSP's --allocation values to run, each a row (the knapsack once per "
+        "--selections value)",
     )
     p.add_argument(
         "--selections",

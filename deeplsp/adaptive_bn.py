@@ -7,8 +7,10 @@ reaches after fine-tuning (on MobileNetV3-Large at 30% of its latency every cand
 plain accuracy was at chance). EagleEye re-estimates the statistics on a few training
 batches (weights frozen) and measures the loss on other batches. Here that ranked five
 knapsack answers with L1-ranked channels in the order of their fine-tuned top-1 but for
-one swap, and four with Taylor-ranked channels poorly (its pick 3rd of 4), so the
-selection that uses it is off by default (bench/README.md, session 6).
+one swap, and four with Taylor-ranked channels poorly (its pick 3rd of 4; bench/README.md,
+session 6). So the knapsack's default selection uses it as a veto, not a ranking: it
+leaves the knapsack's own answer only for one whose loss is clearly lower
+(`clearly_lower`), which caught a collapsed ResNet-18 answer (session 12).
 """
 
 from __future__ import annotations
