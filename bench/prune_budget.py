@@ -143,16 +143,20 @@ def dense_checkpoint(name, args):
     return ckpt, load_checkpoint(ckpt).build_model().eval()
 
 
-def finetune_and_eval(model, dense, cfg, test_loader, seeds: int) -> list[float]:
-    """Top-1 after DeepLSP's own fine-tuning (same config), once per seed, each from the
-    same pruned network: at deep cuts one seed's top-1 is a noisy reading of a network
-    (a ResNet-18 at 30% of its latency gave 60.4 / 56.5 / 64.2%)."""
-    out = []
-    for seed in range(seeds):
-        tuned = copy.deepcopy(model)
-        finetune(tuned, dense, {}, replace(cfg, seed=seed))
-        out.append(evaluate(tuned.eval(), test_loader, "cpu")["top1"])
-    return out
+def finetune_and_eval(model, dense, cfg, test_loader) -> float:
+    """Top-1 after DeepLSP's own fine-tuning (`cfg`'s settings and seed), in place."""
+    finetune(model, dense, {}, cfg)
+    return evaluate(model.eval(), test_loader, "cpu")["top1"]
+
+
+def finetune_over_seeds(model, dense, cfg, test_loader, seeds: int) -> list[float]:
+    """`finetune_and_eval` once per seed, each from the same pruned network: at deep cuts
+    one seed's top-1 is a noisy reading of a network (a ResNet-18 at 30% of its latency
+    gave 60.4 / 56.5 / 64.2%)."""
+    return [
+        finetune_and_eval(copy.deepcopy(model), dense, replace(cfg, seed=s), test_loader)
+        for s in range(seeds)
+    ]
 
 
 def main() -> None:
@@ -253,7 +257,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                     # timed again by the bench, as the baselines are, against its dense model
                     ms = timing.time(Path(cfg.out) / "model.onnx")["latency"]["median"]
                     model = load_checkpoint(Path(cfg.out) / "pruned.pt").build_model()
-                    top1 = finetune_and_eval(model, dense, base, test_loader, args.seeds)
+                    top1 = finetune_over_seeds(model, dense, base, test_loader, args.seeds)
                     results[method] = (ms, top1, p_["cost"]["macs"], wall)
                     drift = r["timing"]["drift"]
                     own[method] = {  # DeepLSP's own figures, beside the bench's re-timing
@@ -270,7 +274,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 t0 = time.perf_counter()
                 model, _, _ = fit_to_budget(make, budget, timing)
                 wall = time.perf_counter() - t0
-                top1 = finetune_and_eval(model, dense, base, test_loader, args.seeds)
+                top1 = finetune_over_seeds(model, dense, base, test_loader, args.seeds)
                 ms = measure_model(model, SHAPE, timing)["latency"]["median"]
                 results[method] = (ms, top1, count_torch(model, SHAPE).macs, wall)
             l1_ms, _, l1_macs, _ = results["uniform L1"]
