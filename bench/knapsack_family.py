@@ -1,0 +1,138 @@
+"""What predicts a knapsack answer's fine-tuned top-1 before fine-tuning, at deep cuts?
+
+Along the loss-increase knapsack's family (its answers at table budgets from `--lo` to
+`--hi` of the dense model's table sum; DeepLSP's candidates, sensitivity and latency
+table from bench/cache/), each distinct answer is pruned and read four ways before the
+full fine-tuning: its summed loss increase (the knapsack's objective), its adaptive-BN
+loss (`deeplsp.adaptive_bn`, the default selection's veto), and its adaptive-BN loss
+after a short fine-tuning (one pass over `--short-images` training images, another draw
+than the fine-tuning's, as NetAdapt's short-term fine-tuning); then it gets prune_budget's
+fine-tuning and evaluation. Same dense checkpoints and protocol as prune_budget.py (run
+that first: it trains and caches them). Writes bench/results/knapsack_family-MODEL.{json,md}.
+
+    .venv/bin/python bench/knapsack_family.py --model mobilenet_v3_large --lo 0.33 --hi 0.55
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import replace
+
+from prune_budget import HERE, SHAPE, finetune_and_eval
+from tabulate import tabulate
+
+from deeplsp.adaptive_bn import adapted_loss
+from deeplsp.atomic import write_json, write_text
+from deeplsp.checkpoint import load_checkpoint
+from deeplsp.datasets import calibration_batches, load_split, make_loader
+from deeplsp.masks import MaskHooks
+from deeplsp.pruner import (
+    LatencyModel,
+    PruneConfig,
+    abn_batches,
+    allocate_coupled,
+    candidate_keeps,
+)
+from deeplsp.sensitivity import cached_sensitivity
+from deeplsp.structure import channel_scores, find_groups, order_of, prune_groups
+from deeplsp.training import short_budget, train
+from devices import fingerprint, get_device
+from profiling.counting import count_torch
+from profiling.latency_table import LatencyTable
+
+DENSE_EPOCHS = {"resnet18": 1, "mobilenet_v3_large": 3}  # prune_budget's checkpoints
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilenet_v3_large")
+    p.add_argument("--lo", type=float, default=0.33, help="smallest table budget (x dense sum)")
+    p.add_argument("--hi", type=float, default=0.55, help="largest table budget (x dense sum)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--short-images", type=int, default=512)
+    p.add_argument("--train-subset", type=int, default=2000)
+    p.add_argument("--test-subset", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="the latency table's device threads")
+    args = p.parse_args()
+
+    name = args.model
+    ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{DENSE_EPOCHS[name]}.pt"
+    dense = load_checkpoint(ckpt).build_model().eval()
+    device = replace(get_device("cpu"), threads=args.threads)
+    cfg = PruneConfig(  # DeepLSP's defaults: its calibration draws and fine-tuning settings
+        model=name,
+        dataset="fashionmnist",
+        out=str(HERE / "cache" / "run"),
+        budget_ratio=0.3,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+    )
+    groups = find_groups(dense, SHAPE)
+    candidates = candidate_keeps(groups, cfg.ratios, device.channel_multiple)
+    batches = calibration_batches(
+        "fashionmnist", None, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
+    )
+    order = order_of(channel_scores(dense, SHAPE, cfg.importance, batches))
+    sens, _ = cached_sensitivity(
+        HERE / "cache", dense, groups, order, candidates, batches, cfg.importance
+    )
+    adapt, held = abn_batches(cfg)
+    test_loader = make_loader(
+        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
+    )
+    short_ds = load_split("fashionmnist", "train", subset=args.short_images, seed=7)
+    rows, seen = [], set()
+    with LatencyTable(device, HERE / "cache" / "latency.sqlite") as table:
+        lat = LatencyModel(dense, SHAPE, groups, table)
+        dense_sum = lat.table_sum({g.id: g.channels for g in groups})
+        for i in range(args.steps):
+            frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
+            keeps, summed = allocate_coupled(lat, candidates, sens, frac * dense_sum)
+            if tuple(sorted(keeps.items())) in seen:
+                continue
+            seen.add(tuple(sorted(keeps.items())))
+            net = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=order)
+            short = copy.deepcopy(net)
+            train(
+                short,
+                make_loader(short_ds, 64, shuffle=True, seed=0),
+                short_budget(1, 0, cfg.finetune_lr),
+                MaskHooks(short, {}, dense, cfg.kd_alpha, cfg.kd_temperature),
+                "short fine-tune",
+            )
+            rows.append(
+                {
+                    "table_budget": round(frac, 3),
+                    "table_sum": round(lat.table_sum(keeps) / dense_sum, 3),
+                    "macs_M": round(count_torch(net, SHAPE).macs / 1e6, 1),
+                    "groups_at_quarter_or_less": sum(
+                        keeps[g.id] <= g.channels // 4 for g in groups
+                    ),
+                    "summed_loss": round(summed, 2),
+                    "adaptive_bn_loss": round(adapted_loss(net, adapt, held), 3),
+                    "after_short_finetune": round(adapted_loss(short, adapt, held), 3),
+                    "top1": round(finetune_and_eval(net, dense, cfg, test_loader), 3),
+                }
+            )
+            print(rows[-1], flush=True)
+    stem = HERE / "results" / f"knapsack_family-{name}"
+    write_json(
+        stem.with_suffix(".json"),
+        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
+    )
+    write_text(
+        stem.with_suffix(".md"),
+        f"# The loss-increase knapsack's family, {name}: what predicts fine-tuned top-1\n\n"
+        f"Answers at table budgets {args.lo}-{args.hi} of the dense table sum; losses in "
+        f"nats on {sum(len(y) for _, y in held)} held-out training images (chance 2.30); "
+        f"short fine-tuning: one pass over {args.short_images} images; top-1 after "
+        f"{cfg.finetune_epochs} epoch(s) on {args.train_subset} images (seed {cfg.seed}), "
+        f"on {args.test_subset} test images.\n\n"
+        + tabulate(rows, headers="keys", tablefmt="github")
+        + "\n",
+    )
+
+
+if __name__ == "__main__":
+    main()
