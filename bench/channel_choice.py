@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from prune_budget import HERE, SHAPE, finetune_and_eval, global_taylor
+from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path, finetune_and_eval, global_taylor
 from tabulate import tabulate
 
 from deeplsp.adaptive_bn import adapted_loss
@@ -27,8 +27,6 @@ from deeplsp.datasets import calibration_batches, load_split, make_loader
 from deeplsp.pruner import PruneConfig
 from deeplsp.structure import count_channels, find_groups, prune_groups, removal_order
 from profiling.counting import count_torch
-
-DENSE_EPOCHS = {"resnet18": 1, "mobilenet_v3_large": 3}  # prune_budget's checkpoints
 
 
 def main() -> None:
@@ -50,7 +48,7 @@ def main() -> None:
     held = [(x[i : i + 64], y[i : i + 64]) for i in range(256, len(y), 64)]
     rows = []
     for name in args.models.split(","):
-        ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{DENSE_EPOCHS[name]}.pt"
+        ckpt = dense_path(name, args.train_subset, DENSE_EPOCHS[name])
         dense = load_checkpoint(ckpt).build_model().eval()
         groups = find_groups(dense, SHAPE)
         for ratio in map(float, args.ratios.split(",")):

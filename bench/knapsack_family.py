@@ -19,7 +19,7 @@ import argparse
 import copy
 from dataclasses import replace
 
-from prune_budget import HERE, SHAPE, finetune_and_eval
+from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path, finetune_and_eval
 from tabulate import tabulate
 
 from deeplsp.adaptive_bn import adapted_loss
@@ -41,8 +41,6 @@ from devices import fingerprint, get_device
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
 
-DENSE_EPOCHS = {"resnet18": 1, "mobilenet_v3_large": 3}  # prune_budget's checkpoints
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +55,7 @@ def main() -> None:
     args = p.parse_args()
 
     name = args.model
-    ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{DENSE_EPOCHS[name]}.pt"
+    ckpt = dense_path(name, args.train_subset, DENSE_EPOCHS[name])
     dense = load_checkpoint(ckpt).build_model().eval()
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(  # DeepLSP's defaults: its calibration draws and fine-tuning settings
@@ -89,9 +87,10 @@ def main() -> None:
         for i in range(args.steps):
             frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
             keeps, summed = allocate_coupled(lat, candidates, sens, frac * dense_sum)
-            if tuple(sorted(keeps.items())) in seen:
+            key = tuple(sorted(keeps.items()))
+            if key in seen:
                 continue
-            seen.add(tuple(sorted(keeps.items())))
+            seen.add(key)
             net = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=order)
             short = copy.deepcopy(net)
             train(

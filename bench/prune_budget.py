@@ -127,10 +127,20 @@ def fit_to_budget(make, budget, timing, step=0.05, refine=3):
     return best
 
 
+# The dense epochs bench/README.md's prune_budget commands train each model for; the
+# benches that reuse those checkpoints read them from here.
+DENSE_EPOCHS = {"resnet18": 1, "mobilenet_v3_large": 3}
+
+
+def dense_path(name: str, train_subset: int, epochs: int) -> Path:
+    """Where `dense_checkpoint` caches a dense model."""
+    return HERE / "cache" / f"{name}-fashionmnist-{train_subset}-{epochs}.pt"
+
+
 def dense_checkpoint(name, args):
     """The bench's dense model (path, model): trained once on `args.train_subset` images
     for `args.dense_epochs` epochs, then cached in bench/cache/."""
-    ckpt = HERE / "cache" / f"{name}-fashionmnist-{args.train_subset}-{args.dense_epochs}.pt"
+    ckpt = dense_path(name, args.train_subset, args.dense_epochs)
     if not ckpt.is_file():
         train_dense(
             name,

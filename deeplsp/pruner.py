@@ -548,7 +548,8 @@ class Selector:
         # The loss-increase knapsack's answer (the highest blend) stands unless another is
         # clearly better: a difference within the estimate's noise fine-tuned either way.
         own_blend, own = max(answers.values(), key=lambda a: a[0])
-        better = [r for r in rated if clearly_lower(self.losses(r[2]), self.losses(own))]
+        base = self.losses(own)
+        better = [r for r in rated if clearly_lower(self.losses(r[2]), base)]
         if not better:
             return (
                 own,
@@ -559,7 +560,7 @@ class Selector:
                 ),
             )
         loss, blend, keeps = min(better, key=lambda r: (r[0], -r[1]))
-        gap, se = lower_by(self.losses(keeps), self.losses(own))
+        gap, se = lower_by(self.losses(keeps), base)
         return (
             keeps,
             blend,
