@@ -349,6 +349,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         max_iterations=args.max_iterations,
+        climb=args.climb,
         timing=args.timing,
         seed=args.seed,
     )
@@ -608,6 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=6,
         help="measured search iterations before giving up",
+    )
+    pn.add_argument(
+        "--climb",
+        type=_non_negative_int,
+        default=2,
+        help="measurements after the search of larger networks up to the budget less its "
+        "guard; the best measured within it is delivered (0: deliver the search's network)",
     )
     pn.add_argument(
         "--timing",

@@ -200,6 +200,7 @@ def test_prune_choices_match_the_pruner():
         ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--budget-ms", "1"]
     )
     assert args.threads is PruneConfig.threads  # the device's own unless asked
+    assert args.climb == PruneConfig.climb
     assert (args.importance, args.selection, args.allocation, args.timing) == (
         PruneConfig.importance,
         PruneConfig.selection,
@@ -218,7 +219,7 @@ def test_prune_choices_match_the_pruner():
     assert set(choices["timing"]) == set(TIMINGS)
 
 
-def test_prune_passes_threads_and_finetune_lr_to_the_pruner(capsys, monkeypatch):
+def test_prune_passes_threads_finetune_lr_and_climb_to_the_pruner(capsys, monkeypatch):
     import deeplsp.pruner as pruner
     from deeplsp.errors import DeepLSPError
 
@@ -239,3 +240,7 @@ def test_prune_passes_threads_and_finetune_lr_to_the_pruner(capsys, monkeypatch)
     assert code == 2 and seen[-1].finetune_lr == 1e-4
     code, _, err = _run(capsys, *argv, "--finetune-lr", "0")
     assert code == 2 and "--finetune-lr" in err and len(seen) == 2
+    code, _, err = _run(capsys, *argv, "--climb", "0")
+    assert code == 2 and seen[-1].climb == 0
+    code, _, err = _run(capsys, *argv, "--climb", "-1")
+    assert code == 2 and "--climb" in err and len(seen) == 3
