@@ -190,6 +190,12 @@ def main() -> None:
         help="DeepLSP's --selection values to run with the knapsack, each a row",
     )
     p.add_argument(
+        "--climbs",
+        default=str(PruneConfig.climb),
+        help="DeepLSP's --climb values to run, each a row (a value other than the "
+        "default is named in the row: 'climb 0')",
+    )
+    p.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -215,15 +221,17 @@ def main() -> None:
         run(args, device, Path(tmp), rows, test_loader, batches)
 
 
-def variants(args) -> list[tuple[str, str]]:
-    """DeepLSP's (allocation, selection) pairs to run: the knapsack with each asked
-    selection, the threshold rule with its own (it has one answer per budget)."""
+def variants(args) -> list[tuple[str, str, int]]:
+    """DeepLSP's (allocation, selection, climb) to run, each `--climbs` value with: the
+    knapsack with each asked selection, the threshold rule with its own (it has one
+    answer per budget)."""
     out = []
-    for allocation in args.allocations.split(","):
-        if allocation == "knapsack":
-            out += [(allocation, s) for s in args.selections.split(",")]
-        else:
-            out.append((allocation, "sensitivity"))
+    for climb in map(int, args.climbs.split(",")):
+        for allocation in args.allocations.split(","):
+            if allocation == "knapsack":
+                out += [(allocation, s, climb) for s in args.selections.split(",")]
+            else:
+                out.append((allocation, "sensitivity", climb))
     return out
 
 
@@ -253,13 +261,21 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 threads=args.threads,
                 cache_dir=str(HERE / "cache"),
             )
-            for allocation, selection in variants(args):
-                method = f"DeepLSP {allocation}" + (
-                    f" {selection}" if allocation == "knapsack" else ""
+            for allocation, selection, climb in variants(args):
+                method = (
+                    f"DeepLSP {allocation}"
+                    + (f" {selection}" if allocation == "knapsack" else "")
+                    + (f" climb {climb}" if climb != PruneConfig.climb else "")
                 )
                 t0 = time.perf_counter()
                 # unfine-tuned: the bench fine-tunes it over the seeds, as it does the baselines
-                cfg = replace(base, allocation=allocation, selection=selection, finetune_epochs=0)
+                cfg = replace(
+                    base,
+                    allocation=allocation,
+                    selection=selection,
+                    climb=climb,
+                    finetune_epochs=0,
+                )
                 try:
                     r = prune(cfg, log=lambda s: print("  ", s, flush=True))
                     wall = time.perf_counter() - t0
@@ -270,9 +286,15 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                     top1 = finetune_over_seeds(model, dense, base, test_loader, args.seeds)
                     results[method] = (ms, top1, p_["cost"]["macs"], wall)
                     drift = r["timing"]["drift"]
+                    keeps = {g["id"]: g["keep"] for g in r["groups"]}
                     own[method] = {  # DeepLSP's own figures, beside the bench's re-timing
                         "own_of_dense": round(p_["ratio_to_dense"], 3),
                         "drift": f"{drift['change']:+.1%}" if drift else "-",
+                        # which measured candidate was delivered, of how many
+                        "delivered": next(
+                            (c["note"] for c in r["search"] if c["keeps"] == keeps), "-"
+                        )
+                        + f" of {len(r['search'])}",
                     }
                 except DeepLSPError as exc:  # a failed cell is a result too; the grid goes on
                     print(f"   {method} failed:", exc, flush=True)
@@ -298,7 +320,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                         "method": method,
                         "measured_ms": round(ms, 3),
                         "of_dense": round(ms / dense_ms, 3),
-                        **own.get(method, {"own_of_dense": "-", "drift": "-"}),
+                        **own.get(method, {"own_of_dense": "-", "drift": "-", "delivered": "-"}),
                         "within_budget": ms <= budget,
                         "in_band": 0.85 * budget <= ms <= budget,  # target 1: [85%, 100%]
                         "of_budget": f"{ms / budget:.0%}",
@@ -332,7 +354,9 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 f"it, `measured_ms` that ratio times the dense model's median. DeepLSP's own "
                 f"figures beside the bench's: `own_of_dense`, the delivered model's ratio as "
                 f"DeepLSP timed it (median of three), and `drift`, how far its middle "
-                f"calibration network moved between calibration and delivery.\n\n"
+                f"calibration network moved between calibration and delivery; `delivered`, "
+                f"which of its measured candidates DeepLSP delivered ('climb': one measured "
+                f"after the search, `--climb`) of how many it measured.\n\n"
                 + tabulate(rows, headers="keys", tablefmt="github")
                 + "\n",
             )
