@@ -295,6 +295,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                             (c["note"] for c in r["search"] if c["keeps"] == keeps), "-"
                         )
                         + f" of {len(r['search'])}",
+                        "keeps": keeps,  # the json's only: per-group channel counts
                     }
                 except DeepLSPError as exc:  # a failed cell is a result too; the grid goes on
                     print(f"   {method} failed:", exc, flush=True)
@@ -357,7 +358,11 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 f"calibration network moved between calibration and delivery; `delivered`, "
                 f"which of its measured candidates DeepLSP delivered ('climb': one measured "
                 f"after the search, `--climb`) of how many it measured.\n\n"
-                + tabulate(rows, headers="keys", tablefmt="github")
+                + tabulate(
+                    [{k: v for k, v in row.items() if k != "keeps"} for row in rows],
+                    headers="keys",
+                    tablefmt="github",
+                )
                 + "\n",
             )
 
