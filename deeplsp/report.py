@@ -103,6 +103,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     threshold = cfg.get("allocation") == "threshold"
+    delivered = {g["id"]: g["keep"] for g in report["groups"]}
     lines += ["## Search (each candidate exported and measured on the device)", ""]
     lines += [
         tabulate(
@@ -113,6 +114,7 @@ def markdown(report: dict) -> str:
                     f"{c['measured']['latency']['median']:.3f}" if c["measured"] else "-",
                     f"{c['cost']:.4f}",
                     "-" if c.get("score") is None else f"{c['score']:.4f}",
+                    "yes" if c["keeps"] == delivered else "",
                 )
                 for c in report["search"]
             ],
@@ -122,11 +124,18 @@ def markdown(report: dict) -> str:
                 "measured ms",
                 "importance removed" if threshold else "loss increase",
                 "adaptive-BN loss",
+                "delivered",
             ),
             tablefmt="github",
         ),
         "",
     ]
+    if any("(climb" in c["note"] for c in report["search"]):
+        lines += [
+            "Candidates marked climb were measured after the search: larger allocations "
+            "aimed at the budget less its guard (`--climb`).",
+            "",
+        ]
     cal = report["calibration"]
     lt = report["latency_table"]
     fp = report["fingerprint"]

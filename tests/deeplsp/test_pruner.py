@@ -1121,6 +1121,9 @@ def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
     assert up["note"] == "iteration 2 (climb)"
     assert ms(first) < ms(up) <= goal and up["cost"] < first["cost"]
     assert delivered(plain) == first["keeps"] and delivered(climbed) == up["keeps"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| iteration 2 (climb)")]
+    assert row.rstrip(" |").endswith("yes") and "measured after the search" in md
     assert len(climbed["search"]) <= 1 + cfg.climb
     # the same larger answer measured over the goal (a slowdown the table cannot see):
     # measured, not delivered
