@@ -44,20 +44,18 @@ from prune_budget import (
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
-from deeplsp.datasets import calibration_batches, load_split, make_loader
+from deeplsp.datasets import load_split, make_loader
 from deeplsp.pruner import (
-    RATIOS,
     LatencyModel,
     PruneConfig,
     Timing,
     allocate_coupled,
     allocate_threshold,
-    candidate_keeps,
     every_multiple,
     measure_model,
+    scan,
 )
-from deeplsp.sensitivity import cached_sensitivity
-from deeplsp.structure import channel_scores, find_groups, order_of, prune_groups
+from deeplsp.structure import prune_groups
 from deeplsp.training import evaluate
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
@@ -100,14 +98,10 @@ def main() -> None:
         train_subset=args.train_subset,
         test_subset=args.test_subset,
     )
-    groups = find_groups(dense, SHAPE)
-    batches = calibration_batches("fashionmnist", None, cfg.calib_batches, cfg.calib_batch_size)
-    scores = channel_scores(dense, SHAPE, cfg.importance, batches)
-    order = order_of(scores)
     multiple = device.channel_multiple
-    coarse = candidate_keeps(groups, RATIOS, multiple)
+    sc = scan(cfg, dense, SHAPE, multiple, HERE / "cache")  # DeepLSP's steps 2-3
+    groups, coarse, scores, order, sens = sc.groups, sc.candidates, sc.scores, sc.order, sc.sens
     every = every_multiple(groups, multiple)
-    sens, _ = cached_sensitivity(HERE / "cache", dense, groups, order, coarse, batches, "taylor")
     table = LatencyTable(device, HERE / "cache" / "latency.sqlite", warmup=10, iters=25)
     lat = LatencyModel(dense, SHAPE, groups, table)
     full_sum = lat.table_sum({g.id: g.channels for g in groups})

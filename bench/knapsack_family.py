@@ -7,8 +7,11 @@ full fine-tuning: its summed loss increase (the knapsack's objective), its adapt
 loss (`deeplsp.adaptive_bn`, the default selection's veto), and its adaptive-BN loss
 after a short fine-tuning (one pass over `--short-images` training images, another draw
 than the fine-tuning's, as NetAdapt's short-term fine-tuning); then it gets prune_budget's
-fine-tuning and evaluation. Same dense checkpoints and protocol as prune_budget.py (run
-that first: it trains and caches them). Writes bench/results/knapsack_family-MODEL.{json,md}.
+fine-tuning and evaluation, once per `--seeds` seed. `--weight-costs` gives one family per
+weight cost (LatencyModel.weight_cost, which each DeepLSP run calibrates for itself): at
+equal size, do networks from different runs' families fine-tune alike? Same dense
+checkpoints and protocol as prune_budget.py (run that first: it trains and caches them).
+Writes bench/results/knapsack_family-MODEL.{json,md} (or `--results`).
 
     .venv/bin/python bench/knapsack_family.py --model mobilenet_v3_large --lo 0.33 --hi 0.55
 """
@@ -17,25 +20,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 from dataclasses import replace
 
-from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path, finetune_and_eval
+from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path, finetune_over_seeds
 from tabulate import tabulate
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
-from deeplsp.datasets import calibration_batches, load_split, make_loader
+from deeplsp.datasets import load_split, make_loader
 from deeplsp.masks import MaskHooks
-from deeplsp.pruner import (
-    LatencyModel,
-    PruneConfig,
-    abn_batches,
-    allocate_coupled,
-    candidate_keeps,
-)
-from deeplsp.sensitivity import cached_sensitivity
-from deeplsp.structure import channel_scores, find_groups, order_of, prune_groups
+from deeplsp.pruner import LatencyModel, PruneConfig, abn_batches, allocate_coupled, scan
+from deeplsp.structure import prune_groups
 from deeplsp.training import short_budget, train
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
@@ -52,6 +49,15 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=2000)
     p.add_argument("--test-subset", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="the latency table's device threads")
+    p.add_argument(
+        "--weight-costs",
+        default="0",
+        help="table ms per million weights (LatencyModel.weight_cost), one family each: each "
+        "DeepLSP run calibrates its own (0.04-0.07 for MobileNetV3-L at one thread), so runs "
+        "search different families",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (top-1: their mean)")
+    p.add_argument("--results", default=None, help="file stem (default knapsack_family-MODEL)")
     args = p.parse_args()
 
     name = args.model
@@ -66,15 +72,8 @@ def main() -> None:
         train_subset=args.train_subset,
         test_subset=args.test_subset,
     )
-    groups = find_groups(dense, SHAPE)
-    candidates = candidate_keeps(groups, cfg.ratios, device.channel_multiple)
-    batches = calibration_batches(
-        "fashionmnist", None, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
-    )
-    order = order_of(channel_scores(dense, SHAPE, cfg.importance, batches))
-    sens, _ = cached_sensitivity(
-        HERE / "cache", dense, groups, order, candidates, batches, cfg.importance
-    )
+    sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
+    groups, candidates, order, sens = sc.groups, sc.candidates, sc.order, sc.sens
     adapt, held = abn_batches(cfg)
     test_loader = make_loader(
         load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
@@ -82,40 +81,46 @@ def main() -> None:
     short_ds = load_split("fashionmnist", "train", subset=args.short_images, seed=7)
     rows, seen = [], set()
     with LatencyTable(device, HERE / "cache" / "latency.sqlite") as table:
-        lat = LatencyModel(dense, SHAPE, groups, table)
-        dense_sum = lat.table_sum({g.id: g.channels for g in groups})
-        for i in range(args.steps):
-            frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
-            keeps, summed = allocate_coupled(lat, candidates, sens, frac * dense_sum)
-            key = tuple(sorted(keeps.items()))
-            if key in seen:
-                continue
-            seen.add(key)
-            net = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=order)
-            short = copy.deepcopy(net)
-            train(
-                short,
-                make_loader(short_ds, 64, shuffle=True, seed=0),
-                short_budget(1, 0, cfg.finetune_lr),
-                MaskHooks(short, {}, dense, cfg.kd_alpha, cfg.kd_temperature),
-                "short fine-tune",
-            )
-            rows.append(
-                {
-                    "table_budget": round(frac, 3),
-                    "table_sum": round(lat.table_sum(keeps) / dense_sum, 3),
-                    "macs_M": round(count_torch(net, SHAPE).macs / 1e6, 1),
-                    "groups_at_quarter_or_less": sum(
-                        keeps[g.id] <= g.channels // 4 for g in groups
-                    ),
-                    "summed_loss": round(summed, 2),
-                    "adaptive_bn_loss": round(adapted_loss(net, adapt, held), 3),
-                    "after_short_finetune": round(adapted_loss(short, adapt, held), 3),
-                    "top1": round(finetune_and_eval(net, dense, cfg, test_loader), 3),
-                }
-            )
-            print(rows[-1], flush=True)
-    stem = HERE / "results" / f"knapsack_family-{name}"
+        for weight_cost in map(float, args.weight_costs.split(",")):
+            lat = LatencyModel(dense, SHAPE, groups, table, weight_cost=weight_cost / 1e6)
+            dense_sum = lat.table_sum({g.id: g.channels for g in groups})
+            for i in range(args.steps):
+                frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
+                keeps, summed = allocate_coupled(lat, candidates, sens, frac * dense_sum)
+                key = tuple(sorted(keeps.items()))
+                if key in seen:
+                    continue
+                seen.add(key)
+                net = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=order)
+                short = copy.deepcopy(net)
+                train(
+                    short,
+                    make_loader(short_ds, 64, shuffle=True, seed=0),
+                    short_budget(1, 0, cfg.finetune_lr),
+                    MaskHooks(short, {}, dense, cfg.kd_alpha, cfg.kd_temperature),
+                    "short fine-tune",
+                )
+                top1 = finetune_over_seeds(net, dense, cfg, test_loader, args.seeds)
+                rows.append(
+                    {
+                        "weight_cost": weight_cost,
+                        "table_budget": round(frac, 3),
+                        "table_sum": round(lat.table_sum(keeps) / dense_sum, 3),
+                        "macs_M": round(count_torch(net, SHAPE).macs / 1e6, 1),
+                        "weights_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+                        "groups_at_quarter_or_less": sum(
+                            keeps[g.id] <= g.channels // 4 for g in groups
+                        ),
+                        "summed_loss": round(summed, 2),
+                        "adaptive_bn_loss": round(adapted_loss(net, adapt, held), 3),
+                        "after_short_finetune": round(adapted_loss(short, adapt, held), 3),
+                        "top1": round(statistics.mean(top1), 3),
+                        "top1_seeds": " / ".join(f"{t:.1%}" for t in top1),
+                        "keeps": keeps,  # the json's only
+                    }
+                )
+                print(rows[-1], flush=True)
+    stem = HERE / "results" / (args.results or f"knapsack_family-{name}")
     write_json(
         stem.with_suffix(".json"),
         {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
@@ -126,9 +131,14 @@ def main() -> None:
         f"Answers at table budgets {args.lo}-{args.hi} of the dense table sum; losses in "
         f"nats on {sum(len(y) for _, y in held)} held-out training images (chance 2.30); "
         f"short fine-tuning: one pass over {args.short_images} images; top-1 after "
-        f"{cfg.finetune_epochs} epoch(s) on {args.train_subset} images (seed {cfg.seed}), "
-        f"on {args.test_subset} test images.\n\n"
-        + tabulate(rows, headers="keys", tablefmt="github")
+        f"{cfg.finetune_epochs} epoch(s) on {args.train_subset} images, the mean over "
+        f"{args.seeds} seed(s), on {args.test_subset} test images; `weight_cost`: table ms per "
+        f"million weights added to the table sum (one family per value).\n\n"
+        + tabulate(
+            [{k: v for k, v in r.items() if k != "keeps"} for r in rows],
+            headers="keys",
+            tablefmt="github",
+        )
         + "\n",
     )
 

@@ -807,6 +807,38 @@ def every_multiple(groups: list[ChannelGroup], multiple: int) -> dict[str, list[
     return {g.id: sorted({*range(multiple, g.channels, multiple), g.channels}) for g in groups}
 
 
+@dataclass
+class Scan:
+    """Steps 2-3 of a run: what the allocation chooses among, and what each choice costs
+    in loss."""
+
+    groups: list[ChannelGroup]
+    candidates: dict[str, list[int]]  # per group, the channel counts scanned
+    scores: dict[str, torch.Tensor]  # per group, each channel's importance
+    order: dict[str, list[int]]  # per group, channels from least to most important
+    sens: dict[str, dict[int, float]]  # per group and count, the loss increase
+    cached: bool  # whether `sens` came from the cache
+
+
+def scan(
+    cfg: PruneConfig, dense: nn.Module, shape: tuple[int, ...], multiple: int, cache_dir: Path
+) -> Scan:
+    """Groups, candidate counts rounded to the device's `multiple`, channel importance on
+    the calibration batches, and the sensitivity table (cached in `cache_dir`). The
+    benches that read a run's choices (bench/knapsack_family.py) call this too."""
+    groups = find_groups(dense, shape)
+    candidates = candidate_keeps(groups, cfg.ratios, multiple)
+    batches = calibration_batches(
+        cfg.dataset, cfg.data_dir, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
+    )
+    scores = channel_scores(dense, shape, cfg.importance, batches)
+    order = order_of(scores)
+    sens, cached = cached_sensitivity(
+        cache_dir, dense, groups, order, candidates, batches, cfg.importance
+    )
+    return Scan(groups, candidates, scores, order, sens, cached)
+
+
 def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
     """Run DeepLSP end to end; returns the report (also written to `cfg.out`)."""
     with tempfile.TemporaryDirectory(prefix="deeplsp-") as work:
@@ -869,25 +901,10 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     dense_cost = count_torch(dense, shape)
 
     # 2. groups and candidates, 3. sensitivity on real data
-    groups = find_groups(dense, shape)
     multiple = device.channel_multiple
-    candidates = candidate_keeps(groups, cfg.ratios, multiple)
-    batches = calibration_batches(
-        cfg.dataset, cfg.data_dir, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
-    )
-    scores = channel_scores(dense, shape, cfg.importance, batches)
-    order = order_of(scores)
-    sens, sens_cached = stages.run(
-        "sensitivity",
-        cached_sensitivity,
-        cache_dir,
-        dense,
-        groups,
-        order,
-        candidates,
-        batches,
-        cfg.importance,
-    )
+    sc = stages.run("sensitivity", scan, cfg, dense, shape, multiple, cache_dir)
+    groups, candidates, scores, order, sens = sc.groups, sc.candidates, sc.scores, sc.order, sc.sens
+    sens_cached = sc.cached
     log(
         f"sensitivity: {len(groups)} groups x {len(cfg.ratios)} ratios"
         f"{' (from cache)' if sens_cached else ''}"
