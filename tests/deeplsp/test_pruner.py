@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,15 +236,24 @@ def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjud
         cost = count_torch(net, shape)
         return 0.05 + 1e-6 * cost.macs + 1e-4 * cost.params
 
-    monkeypatch.setattr(
-        prune_mod, "measure_model", lambda net, *a, **kw: {"latency": {"median": clock(net)}}
-    )
+    timed = []  # every timing's file: a network, or the last one exported (a re-timing)
+
+    def fake_measure(net, *a, **kw):
+        timed.append(net)
+        return {"latency": {"median": clock(net)}}
+
+    monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
+    again = SimpleNamespace(time=lambda path, **kw: fake_measure(timed[-1]))
     table = LatencyTable(
         DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
     )
     with table:
         lat = prune_mod.LatencyModel(model, shape, groups, table)
-        calib, _ = prune_mod.calibrate(lat, model, shape, None, candidates, clock(model))
+        calib, _ = prune_mod.calibrate(lat, model, shape, again, candidates, clock(model))
+        # the four networks that set the weight cost are timed three times, the rest once
+        nets = prune_mod.calibration_networks(lat, candidates)
+        distinct = {tuple(sorted(k.items())) for n, k in nets.items() if n != "dense"}
+        assert len(timed) == len(distinct) + 2 * len(prune_mod.WEIGHT_COST_NETWORKS)
         assert lat.weight_cost > 0
         nets = [
             dict(zip(candidates, k, strict=True)) for k in itertools.product(*candidates.values())

@@ -1,0 +1,93 @@
+"""How far DeepLSP's calibrated weight cost moves between runs, with the networks that set
+it timed once or three times (median).
+
+The weight cost (`LatencyModel.weight_cost`, fitted by `calibrate` from the dense,
+middle, smallest and two tilted networks) steers the whole allocation: in session 13 the
+MobileNetV3-L runs that calibrated 0.074-0.075 table ms per million weights delivered
+networks that fine-tuned to 58% where the others reached 65-68%. This bench repeats
+`calibrate` on the same model, table and dense timing reference, alternating the two
+ways, and reports each way's weight costs. prune_budget.py's cached checkpoints.
+
+    .venv/bin/python bench/weight_cost_spread.py --model mobilenet_v3_large --repeats 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path
+from tabulate import tabulate
+
+import deeplsp.pruner as pruner
+from deeplsp.atomic import write_json, write_text
+from deeplsp.checkpoint import load_checkpoint
+from deeplsp.pruner import LatencyModel, PruneConfig, Timing, calibrate, measure_model, scan
+from devices import fingerprint, get_device
+from profiling.latency_table import LatencyTable
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilenet_v3_large")
+    p.add_argument("--repeats", type=int, default=4, help="calibrations per way")
+    p.add_argument("--train-subset", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args()
+
+    name = args.model
+    dense = load_checkpoint(dense_path(name, args.train_subset, DENSE_EPOCHS[name]))
+    dense = dense.build_model().eval()
+    device = replace(get_device("cpu"), threads=args.threads)
+    cfg = PruneConfig(model=name, dataset="fashionmnist", out="-", budget_ratio=0.3)
+    sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
+    thrice = pruner.WEIGHT_COST_NETWORKS
+    costs: dict[str, list[float]] = {"once": [], "three times": []}
+    with (
+        LatencyTable(device, HERE / "cache" / "latency.sqlite") as table,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        dense_onnx = Path(tmp) / "dense.onnx"
+        timing = Timing(device, 10, args.iters)
+        dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
+        timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+        for i in range(args.repeats):
+            for way in costs:
+                pruner.WEIGHT_COST_NETWORKS = thrice if way == "three times" else ()
+                lat = LatencyModel(dense, SHAPE, sc.groups, table)
+                calibrate(lat, dense, SHAPE, timing, sc.candidates, dense_ms, sc.order)
+                costs[way].append(1e6 * lat.weight_cost)
+                print(f"repeat {i + 1}, timed {way}: {costs[way][-1]:.3f}", flush=True)
+    pruner.WEIGHT_COST_NETWORKS = thrice
+    rows = [
+        {
+            "timed": way,
+            "weight_costs": " / ".join(f"{c:.3f}" for c in got),
+            "median": round(statistics.median(got), 3),
+            "min": round(min(got), 3),
+            "max": round(max(got), 3),
+        }
+        for way, got in costs.items()
+    ]
+    stem = HERE / "results" / f"weight_cost_spread-{name}"
+    write_json(
+        stem.with_suffix(".json"),
+        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
+    )
+    write_text(
+        stem.with_suffix(".md"),
+        f"# The calibrated weight cost over {args.repeats} calibrations per way, {name} "
+        f"(`cpu`, {args.threads} thread(s))\n\nTable ms per million weights; the networks "
+        f"that set it ({', '.join(thrice)}) timed once or three times (median), the two ways "
+        f"alternating; one dense timing reference for all.\n\n"
+        + tabulate(rows, headers="keys", tablefmt="github")
+        + "\n",
+    )
+
+
+if __name__ == "__main__":
+    main()
