@@ -22,10 +22,17 @@ from pathlib import Path
 from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path
 from tabulate import tabulate
 
-import deeplsp.pruner as pruner
 from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
-from deeplsp.pruner import LatencyModel, PruneConfig, Timing, calibrate, measure_model, scan
+from deeplsp.pruner import (
+    WEIGHT_COST_NETWORKS,
+    LatencyModel,
+    PruneConfig,
+    Timing,
+    calibrate,
+    measure_model,
+    scan,
+)
 from devices import fingerprint, get_device
 from profiling.latency_table import LatencyTable
 
@@ -45,7 +52,7 @@ def main() -> None:
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(model=name, dataset="fashionmnist", out="-", budget_ratio=0.3)
     sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
-    thrice = pruner.WEIGHT_COST_NETWORKS
+    thrice = WEIGHT_COST_NETWORKS
     costs: dict[str, list[float]] = {"once": [], "three times": []}
     with (
         LatencyTable(device, HERE / "cache" / "latency.sqlite") as table,
@@ -57,12 +64,13 @@ def main() -> None:
         timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
         for i in range(args.repeats):
             for way in costs:
-                pruner.WEIGHT_COST_NETWORKS = thrice if way == "three times" else ()
                 lat = LatencyModel(dense, SHAPE, sc.groups, table)
-                calibrate(lat, dense, SHAPE, timing, sc.candidates, dense_ms, sc.order)
+                retime = thrice if way == "three times" else ()
+                calibrate(
+                    lat, dense, SHAPE, timing, sc.candidates, dense_ms, sc.order, retime=retime
+                )
                 costs[way].append(1e6 * lat.weight_cost)
                 print(f"repeat {i + 1}, timed {way}: {costs[way][-1]:.3f}", flush=True)
-    pruner.WEIGHT_COST_NETWORKS = thrice
     rows = [
         {
             "timed": way,

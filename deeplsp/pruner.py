@@ -645,11 +645,10 @@ def measure_model(
     return {**measured, "export": result.to_dict()}
 
 
-# The networks that set the weight cost, each timed three times (median). Timed once, the
-# weight cost of MobileNetV3-L at one thread ranged 0.038-0.074 table ms per million
-# weights over six runs (session 13; one tilted network measured 0.298 and 0.362 ms in two
-# of them), and the knapsack's answer under the high values fine-tuned 9 points lower at
-# the same measured latency (bench/README.md, knapsack_family).
+# The networks whose timings set the weight cost (`fit_weight_cost`). Timed three times
+# each (median) instead of once, MobileNetV3-L's weight cost spread as widely over four
+# calibrations (0.041-0.074 table ms per million weights both ways; bench/README.md,
+# weight_cost_spread), so `calibrate` times them once unless asked (`retime`).
 WEIGHT_COST_NETWORKS = ("middle", "smallest", "weight-heavy cut", "weight-heavy kept")
 
 
@@ -683,6 +682,7 @@ def calibrate(
     dense_ms: float,
     order: dict[str, list[int]] | None = None,
     middle_onnx: Path | None = None,
+    retime: tuple[str, ...] = (),
 ) -> tuple[Calibration, dict[str, float]]:
     """Measure the `calibration_networks` (the dense one as `dense_ms`) and fit table sum ->
     measured latency through all of them. Returns the calibration and every network's
@@ -697,7 +697,7 @@ def calibrate(
     scatter, and interpolating through them put ResNet-18 variants near the steep segment
     they made 15% high. The middle network's ONNX file is kept at
     `middle_onnx` (when it is not the dense network), so the run can time it again
-    (see `STEADY`)."""
+    (see `STEADY`). The networks named in `retime` are timed three times (median)."""
     nets = calibration_networks(lat, candidates)
     measured: dict[str, float] = {}
     for name, keeps in nets.items():
@@ -712,7 +712,7 @@ def calibrate(
         with tempfile.TemporaryDirectory() as tmp:
             path = middle_onnx if name == "middle" and middle_onnx else Path(tmp) / "c.onnx"
             meas = measure_model(model, shape, timing, path)
-            if name in WEIGHT_COST_NETWORKS:
+            if name in retime:
                 meas = timed_thrice(meas, partial(timing.time, path))
             measured[name] = meas["latency"]["median"]
     point = {n: (*lat.parts(k), measured[n]) for n, k in nets.items()}
