@@ -841,15 +841,20 @@ def test_a_budget_just_above_the_smallest_network_delivers_it(tmp_path, tiny, fa
     assert [g["keep"] for g in r["groups"]] == [8, 8, 8]  # every group at 25% of 16 / 32
 
 
-def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
-    tmp_path, tiny, fashionmnist_dir, monkeypatch
-):
-    # every channel removed costs loss (the tiny net's own sensitivities are mostly 0,
-    # which lets the knapsack choose anything)
+@pytest.fixture
+def costly(monkeypatch):
+    """Every channel removed costs loss (the tiny net's own sensitivities are mostly 0,
+    which lets the knapsack choose anything)."""
+
     def sensitivity(cache_dir, model, groups, order, candidates, *rest, **kw):
         return {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}, False
 
     monkeypatch.setattr(prune_mod, "cached_sensitivity", sensitivity)
+
+
+def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
+    tmp_path, tiny, fashionmnist_dir, costly
+):
     probe = prune(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
@@ -1106,12 +1111,8 @@ def test_a_measured_network_is_preferred_by_its_cost_unless_adaptive_bn_clearly_
 
 
 def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
-    tmp_path, tiny, fashionmnist_dir, monkeypatch
+    tmp_path, tiny, fashionmnist_dir, costly
 ):
-    def sensitivity(cache_dir, model, groups, order, candidates, *rest, **kw):
-        return {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}, False
-
-    monkeypatch.setattr(prune_mod, "cached_sensitivity", sensitivity)
     probe = prune(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
