@@ -23,8 +23,14 @@ import copy
 import statistics
 from dataclasses import replace
 
-from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path, finetune_over_seeds
-from tabulate import tabulate
+from prune_budget import (
+    DENSE_EPOCHS,
+    HERE,
+    SHAPE,
+    dense_path,
+    finetune_over_seeds,
+    markdown_table,
+)
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
@@ -134,11 +140,7 @@ def main() -> None:
         f"{cfg.finetune_epochs} epoch(s) on {args.train_subset} images, the mean over "
         f"{args.seeds} seed(s), on {args.test_subset} test images; `weight_cost`: table ms per "
         f"million weights added to the table sum (one family per value).\n\n"
-        + tabulate(
-            [{k: v for k, v in r.items() if k != "keeps"} for r in rows],
-            headers="keys",
-            tablefmt="github",
-        )
+        + markdown_table(rows)
         + "\n",
     )
 

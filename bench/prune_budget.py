@@ -132,6 +132,16 @@ def fit_to_budget(make, budget, timing, step=0.05, refine=3):
 DENSE_EPOCHS = {"resnet18": 1, "mobilenet_v3_large": 3}
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a GitHub table, without the per-group channel counts (`keeps`),
+    which only the json keeps."""
+    return tabulate(
+        [{k: v for k, v in row.items() if k != "keeps"} for row in rows],
+        headers="keys",
+        tablefmt="github",
+    )
+
+
 def dense_path(name: str, train_subset: int, epochs: int) -> Path:
     """Where `dense_checkpoint` caches a dense model."""
     return HERE / "cache" / f"{name}-fashionmnist-{train_subset}-{epochs}.pt"
@@ -358,11 +368,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 f"calibration network moved between calibration and delivery; `delivered`, "
                 f"which of its measured candidates DeepLSP delivered ('climb': one measured "
                 f"after the search, `--climb`) of how many it measured.\n\n"
-                + tabulate(
-                    [{k: v for k, v in row.items() if k != "keeps"} for row in rows],
-                    headers="keys",
-                    tablefmt="github",
-                )
+                + markdown_table(rows)
                 + "\n",
             )
 
