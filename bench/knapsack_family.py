@@ -7,7 +7,9 @@ full fine-tuning: its summed loss increase (the knapsack's objective), its adapt
 loss (`deeplsp.adaptive_bn`, the default selection's veto), and its adaptive-BN loss
 after a short fine-tuning (one pass over `--short-images` training images, another draw
 than the fine-tuning's, as NetAdapt's short-term fine-tuning); then it gets prune_budget's
-fine-tuning and evaluation, once per `--seeds` seed. `--weight-costs` gives one family per
+fine-tuning and evaluation, once per `--seeds` seed (0: none). `--measure` also times each
+answer on the `cpu` device as the pipeline does (paired with the dense model), so families
+can be compared at equal measured latency. `--weight-costs` gives one family per
 weight cost (LatencyModel.weight_cost, which each DeepLSP run calibrates for itself): at
 equal size, do networks from different runs' families fine-tune alike? Same dense
 checkpoints and protocol as prune_budget.py (run that first: it trains and caches them).
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 from prune_budget import (
     DENSE_EPOCHS,
@@ -37,7 +41,15 @@ from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.masks import MaskHooks
-from deeplsp.pruner import LatencyModel, PruneConfig, abn_batches, allocate_coupled, scan
+from deeplsp.pruner import (
+    LatencyModel,
+    PruneConfig,
+    Timing,
+    abn_batches,
+    allocate_coupled,
+    measure_model,
+    scan,
+)
 from deeplsp.structure import prune_groups
 from deeplsp.training import short_budget, train
 from devices import fingerprint, get_device
@@ -62,7 +74,11 @@ def main() -> None:
         "DeepLSP run calibrates its own (0.04-0.07 for MobileNetV3-L at one thread), so runs "
         "search different families",
     )
-    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (top-1: their mean)")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="fine-tuning seeds (top-1: their mean; 0: none)"
+    )
+    p.add_argument("--measure", action="store_true", help="time each answer on the device")
+    p.add_argument("--iters", type=int, default=50, help="timed runs per round (--measure)")
     p.add_argument("--results", default=None, help="file stem (default knapsack_family-MODEL)")
     args = p.parse_args()
 
@@ -86,7 +102,16 @@ def main() -> None:
     )
     short_ds = load_split("fashionmnist", "train", subset=args.short_images, seed=7)
     rows, seen = [], set()
-    with LatencyTable(device, HERE / "cache" / "latency.sqlite") as table:
+    with (
+        LatencyTable(device, HERE / "cache" / "latency.sqlite") as table,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        timing = None
+        if args.measure:
+            dense_onnx = Path(tmp) / "dense.onnx"
+            timing = Timing(device, 10, args.iters)
+            dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
+            timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
         for weight_cost in map(float, args.weight_costs.split(",")):
             lat = LatencyModel(dense, SHAPE, groups, table, weight_cost=weight_cost / 1e6)
             dense_sum = lat.table_sum({g.id: g.channels for g in groups})
@@ -98,6 +123,7 @@ def main() -> None:
                     continue
                 seen.add(key)
                 net = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=order)
+                ms = timing and measure_model(net, SHAPE, timing)["latency"]["median"]
                 short = copy.deepcopy(net)
                 train(
                     short,
@@ -107,11 +133,20 @@ def main() -> None:
                     "short fine-tune",
                 )
                 top1 = finetune_over_seeds(net, dense, cfg, test_loader, args.seeds)
+                fine_tuned = top1 and {
+                    "top1": round(statistics.mean(top1), 3),
+                    "top1_seeds": " / ".join(f"{t:.1%}" for t in top1),
+                }
                 rows.append(
                     {
                         "weight_cost": weight_cost,
                         "table_budget": round(frac, 3),
                         "table_sum": round(lat.table_sum(keeps) / dense_sum, 3),
+                        **(
+                            {"measured_ms": round(ms, 4), "of_dense": round(ms / dense_ms, 3)}
+                            if timing
+                            else {}
+                        ),
                         "macs_M": round(count_torch(net, SHAPE).macs / 1e6, 1),
                         "weights_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
                         "groups_at_quarter_or_less": sum(
@@ -120,8 +155,7 @@ def main() -> None:
                         "summed_loss": round(summed, 2),
                         "adaptive_bn_loss": round(adapted_loss(net, adapt, held), 3),
                         "after_short_finetune": round(adapted_loss(short, adapt, held), 3),
-                        "top1": round(statistics.mean(top1), 3),
-                        "top1_seeds": " / ".join(f"{t:.1%}" for t in top1),
+                        **(fine_tuned or {}),
                         "keeps": keeps,  # the json's only
                     }
                 )

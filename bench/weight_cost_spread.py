@@ -8,12 +8,19 @@ networks that fine-tuned to 58% where the others reached 65-68%. This bench repe
 `calibrate` on the same model, table and dense timing reference, alternating the two
 ways, and reports each way's weight costs. prune_budget.py's cached checkpoints.
 
+The json keeps every calibration network's point (table ms, weights, measured ms), so
+other fitting rules can be judged on the same timings. `--held-out FILE` (a
+knapsack_family json) times that file's networks after each calibration: networks of the
+kind the search measures, to check each calibration's predictions against.
+
     .venv/bin/python bench/weight_cost_spread.py --model mobilenet_v3_large --repeats 4
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
 import tempfile
 from dataclasses import replace
@@ -30,9 +37,11 @@ from deeplsp.pruner import (
     PruneConfig,
     Timing,
     calibrate,
+    calibration_networks,
     measure_model,
     scan,
 )
+from deeplsp.structure import prune_groups
 from devices import fingerprint, get_device
 from profiling.latency_table import LatencyTable
 
@@ -44,6 +53,9 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--ways", default="once,three times", help="once and/or three times")
+    p.add_argument("--held-out", default=None, help="a knapsack_family json: networks to time")
+    p.add_argument("--results", default=None, help="file stem (default weight_cost_spread-MODEL)")
     args = p.parse_args()
 
     name = args.model
@@ -53,7 +65,15 @@ def main() -> None:
     cfg = PruneConfig(model=name, dataset="fashionmnist", out="-", budget_ratio=0.3)
     sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
     thrice = WEIGHT_COST_NETWORKS
-    costs: dict[str, list[float]] = {"once": [], "three times": []}
+
+    def prune(keeps: dict[str, int]):
+        return prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=sc.order)
+
+    costs: dict[str, list[float]] = {way: [] for way in args.ways.split(",")}
+    held_out = []
+    if args.held_out:
+        held_out = [r["keeps"] for r in json.loads(Path(args.held_out).read_text())["rows"]]
+    calibrations = []
     with (
         LatencyTable(device, HERE / "cache" / "latency.sqlite") as table,
         tempfile.TemporaryDirectory() as tmp,
@@ -66,10 +86,24 @@ def main() -> None:
             for way in costs:
                 lat = LatencyModel(dense, SHAPE, sc.groups, table)
                 retime = thrice if way == "three times" else ()
-                calibrate(
+                _, measured = calibrate(
                     lat, dense, SHAPE, timing, sc.candidates, dense_ms, sc.order, retime=retime
                 )
                 costs[way].append(1e6 * lat.weight_cost)
+                nets = calibration_networks(lat, sc.candidates)
+                held = [
+                    (keeps, measure_model(prune(keeps), SHAPE, timing)["latency"]["median"])
+                    for keeps in held_out
+                ]
+                calibrations.append(
+                    {
+                        "way": way,
+                        "weight_cost": costs[way][-1],
+                        # name -> [table ms, weight elements, measured ms]
+                        "points": {n: [*lat.parts(k), measured[n]] for n, k in nets.items()},
+                        "held_out": [[*lat.parts(k), ms] for k, ms in held],
+                    }
+                )
                 print(f"repeat {i + 1}, timed {way}: {costs[way][-1]:.3f}", flush=True)
     rows = [
         {
@@ -81,10 +115,16 @@ def main() -> None:
         }
         for way, got in costs.items()
     ]
-    stem = HERE / "results" / f"weight_cost_spread-{name}"
+    stem = HERE / "results" / (args.results or f"weight_cost_spread-{name}")
     write_json(
         stem.with_suffix(".json"),
-        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
+        {
+            "fingerprint": fingerprint(device),
+            "args": vars(args),
+            "dense_ms": dense_ms,
+            "rows": rows,
+            "calibrations": calibrations,
+        },
     )
     write_text(
         stem.with_suffix(".md"),
