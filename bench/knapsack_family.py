@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import tempfile
 from dataclasses import replace
@@ -47,8 +48,10 @@ from deeplsp.pruner import (
     Timing,
     abn_batches,
     allocate_coupled,
+    cost_tables,
     measure_model,
     scan,
+    summed_loss,
 )
 from deeplsp.structure import prune_groups
 from deeplsp.training import short_budget, train
@@ -76,6 +79,12 @@ def main() -> None:
     )
     p.add_argument(
         "--seeds", type=int, default=1, help="fine-tuning seeds (top-1: their mean; 0: none)"
+    )
+    p.add_argument(
+        "--blends",
+        default="1",
+        help="knapsack cost tables (pruner.cost_tables; 1: the loss increase alone), one "
+        "family each: the candidates adaptive-BN's veto chooses between",
     )
     p.add_argument("--measure", action="store_true", help="time each answer on the device")
     p.add_argument("--iters", type=int, default=50, help="timed runs per round (--measure)")
@@ -112,12 +121,15 @@ def main() -> None:
             timing = Timing(device, 10, args.iters)
             dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
             timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
-        for weight_cost in map(float, args.weight_costs.split(",")):
+        tables = cost_tables(sens, sc.scores, candidates, tuple(map(float, args.blends.split(","))))
+        for weight_cost, (blend, costs) in itertools.product(
+            map(float, args.weight_costs.split(",")), tables.items()
+        ):
             lat = LatencyModel(dense, SHAPE, groups, table, weight_cost=weight_cost / 1e6)
             dense_sum = lat.table_sum({g.id: g.channels for g in groups})
             for i in range(args.steps):
                 frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
-                keeps, summed = allocate_coupled(lat, candidates, sens, frac * dense_sum)
+                keeps, _ = allocate_coupled(lat, candidates, costs, frac * dense_sum)
                 key = tuple(sorted(keeps.items()))
                 if key in seen:
                     continue
@@ -140,6 +152,7 @@ def main() -> None:
                 rows.append(
                     {
                         "weight_cost": weight_cost,
+                        "blend": blend,
                         "table_budget": round(frac, 3),
                         "table_sum": round(lat.table_sum(keeps) / dense_sum, 3),
                         **(
@@ -152,7 +165,7 @@ def main() -> None:
                         "groups_at_quarter_or_less": sum(
                             keeps[g.id] <= g.channels // 4 for g in groups
                         ),
-                        "summed_loss": round(summed, 2),
+                        "summed_loss": round(summed_loss(sens, keeps), 2),
                         "adaptive_bn_loss": round(adapted_loss(net, adapt, held), 3),
                         "after_short_finetune": round(adapted_loss(short, adapt, held), 3),
                         **(fine_tuned or {}),

@@ -43,7 +43,63 @@ from deeplsp.pruner import (
 )
 from deeplsp.structure import prune_groups
 from devices import fingerprint, get_device
-from profiling.latency_table import LatencyTable
+from profiling.latency_table import Calibration, LatencyTable
+
+
+def predicted_errors(calibration: dict, weight_cost: float) -> list[float]:
+    """Relative errors on the held-out networks of the calibration curve through this
+    calibration's networks, with `weight_cost` (table ms per weight element)."""
+    pts = calibration["points"].values()
+    cal = Calibration.fit(
+        [t + weight_cost * w for t, w, _ in pts], [m for *_, m in pts], smooth=True
+    )
+    return [cal.predict(t + weight_cost * w) / m - 1 for t, w, m in calibration["held_out"]]
+
+
+def held_out_row(calibration: dict) -> dict:
+    """How one calibration predicts the held-out networks, and the weight cost (a grid
+    over 0-0.15 table ms per million weights) that would have predicted them best."""
+
+    def within(errs: list[float]) -> float:
+        return round(sum(abs(e) <= 0.1 for e in errs) / len(errs), 2)
+
+    own = predicted_errors(calibration, calibration["weight_cost"] / 1e6)
+    best = min(
+        (i / 1000 for i in range(151)),
+        key=lambda w: sum(e * e for e in predicted_errors(calibration, w / 1e6)),
+    )
+    return {
+        "weight_cost": round(calibration["weight_cost"], 3),
+        "within_10pct": within(own),
+        "median_abs_error": round(statistics.median(abs(e) for e in own), 3),
+        "median_bias": round(statistics.median(own), 3),
+        "best_weight_cost": best,
+        "within_10pct_at_best": within(predicted_errors(calibration, best / 1e6)),
+        "at_zero": within(predicted_errors(calibration, 0.0)),
+    }
+
+
+def markdown(result: dict) -> str:
+    args = result["args"]
+    text = (
+        f"# The calibrated weight cost over {args['repeats']} calibrations per way, "
+        f"{args['model']} (`cpu`, {args['threads']} thread(s))\n\nTable ms per million "
+        f"weights; the networks that set it ({', '.join(WEIGHT_COST_NETWORKS)}) timed once "
+        "or three times (median), the ways alternating; one dense timing reference for "
+        "all.\n\n" + tabulate(result["rows"], headers="keys", tablefmt="github") + "\n"
+    )
+    held = [held_out_row(c) for c in result.get("calibrations", []) if c["held_out"]]
+    if held:
+        n = len(result["calibrations"][0]["held_out"])
+        text += (
+            f"\n## The {n} held-out networks ({args['held_out']}), timed after each "
+            "calibration\n\nShare predicted within +-10% by the calibration's curve and "
+            "weight cost; the weight cost that predicts them best (least squares) and the "
+            "share under it; the share with no weight cost.\n\n"
+            + tabulate(held, headers="keys", tablefmt="github")
+            + "\n"
+        )
+    return text
 
 
 def main() -> None:
@@ -56,7 +112,12 @@ def main() -> None:
     p.add_argument("--ways", default="once,three times", help="once and/or three times")
     p.add_argument("--held-out", default=None, help="a knapsack_family json: networks to time")
     p.add_argument("--results", default=None, help="file stem (default weight_cost_spread-MODEL)")
+    p.add_argument("--render", default=None, help="rewrite the md of this stored json only")
     args = p.parse_args()
+    if args.render:
+        path = Path(args.render)
+        write_text(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
+        return
 
     name = args.model
     dense = load_checkpoint(dense_path(name, args.train_subset, DENSE_EPOCHS[name]))
@@ -64,7 +125,6 @@ def main() -> None:
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(model=name, dataset="fashionmnist", out="-", budget_ratio=0.3)
     sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
-    thrice = WEIGHT_COST_NETWORKS
 
     def prune(keeps: dict[str, int]):
         return prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=sc.order)
@@ -85,7 +145,7 @@ def main() -> None:
         for i in range(args.repeats):
             for way in costs:
                 lat = LatencyModel(dense, SHAPE, sc.groups, table)
-                retime = thrice if way == "three times" else ()
+                retime = WEIGHT_COST_NETWORKS if way == "three times" else ()
                 _, measured = calibrate(
                     lat, dense, SHAPE, timing, sc.candidates, dense_ms, sc.order, retime=retime
                 )
@@ -116,25 +176,15 @@ def main() -> None:
         for way, got in costs.items()
     ]
     stem = HERE / "results" / (args.results or f"weight_cost_spread-{name}")
-    write_json(
-        stem.with_suffix(".json"),
-        {
-            "fingerprint": fingerprint(device),
-            "args": vars(args),
-            "dense_ms": dense_ms,
-            "rows": rows,
-            "calibrations": calibrations,
-        },
-    )
-    write_text(
-        stem.with_suffix(".md"),
-        f"# The calibrated weight cost over {args.repeats} calibrations per way, {name} "
-        f"(`cpu`, {args.threads} thread(s))\n\nTable ms per million weights; the networks "
-        f"that set it ({', '.join(thrice)}) timed once or three times (median), the two ways "
-        f"alternating; one dense timing reference for all.\n\n"
-        + tabulate(rows, headers="keys", tablefmt="github")
-        + "\n",
-    )
+    result = {
+        "fingerprint": fingerprint(device),
+        "args": vars(args),
+        "dense_ms": dense_ms,
+        "rows": rows,
+        "calibrations": calibrations,
+    }
+    write_json(stem.with_suffix(".json"), result)
+    write_text(stem.with_suffix(".md"), markdown(result))
 
 
 if __name__ == "__main__":
