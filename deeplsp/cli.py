@@ -350,6 +350,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         test_subset=args.test_subset,
         max_iterations=args.max_iterations,
         climb=args.climb,
+        short_images=args.short_images,
         timing=args.timing,
         seed=args.seed,
     )
@@ -560,13 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pn.add_argument(
         "--selection",
-        choices=("sensitivity", "adaptive-bn"),  # deeplsp.pruner.SELECTIONS (torch-free here)
+        choices=("sensitivity", "adaptive-bn", "short-finetune"),  # pruner.SELECTIONS
         default=None,
         help="which knapsack answer to measure: the loss-increase knapsack's unless, among "
         "the knapsack's answers under blends of loss increase and removed importance, one "
         "has a clearly lower loss after BatchNorm re-estimation (adaptive-bn, the "
-        "knapsack's default); or the loss-increase knapsack's alone (sensitivity, the "
-        "threshold rule's)",
+        "knapsack's default), or after one short pass of distillation over --short-images "
+        "training images and BatchNorm re-estimation (short-finetune); or the "
+        "loss-increase knapsack's alone (sensitivity, the threshold rule's)",
     )
     pn.add_argument(
         "--allocation",
@@ -616,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="measurements after the search of larger networks up to the budget less its "
         "guard; the best measured within it is delivered (0: deliver the search's network)",
+    )
+    pn.add_argument(
+        "--short-images",
+        type=_positive_int,
+        default=512,
+        help="--selection short-finetune: training images in the short fine-tuning of each "
+        "knapsack answer (default: %(default)s; --quick: at most 128)",
     )
     pn.add_argument(
         "--timing",

@@ -123,7 +123,9 @@ def markdown(report: dict) -> str:
                 "predicted ms",
                 "measured ms",
                 "importance removed" if threshold else "loss increase",
-                "adaptive-BN loss",
+                "loss after short fine-tune"
+                if cfg.get("selection") == "short-finetune"
+                else "adaptive-BN loss",
                 "delivered",
             ),
             tablefmt="github",

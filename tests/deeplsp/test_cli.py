@@ -244,3 +244,8 @@ def test_prune_passes_threads_finetune_lr_and_climb_to_the_pruner(capsys, monkey
     assert code == 2 and seen[-1].climb == 0
     code, _, err = _run(capsys, *argv, "--climb", "-1")
     assert code == 2 and "--climb" in err and len(seen) == 3
+    assert seen[-1].short_images == 512  # the default
+    code, _, err = _run(capsys, *argv, "--selection", "short-finetune", "--short-images", "64")
+    assert code == 2 and seen[-1].short_images == 64 and seen[-1].selection == "short-finetune"
+    code, _, err = _run(capsys, *argv, "--short-images", "0")
+    assert code == 2 and "--short-images" in err and len(seen) == 4

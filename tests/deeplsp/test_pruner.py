@@ -394,6 +394,11 @@ def test_unstructured_zeros_survive_fine_tuning(tmp_path, tiny, fashionmnist_dir
         ({"budget_ms": 1.0, "amount": "lots"}, "amount"),
         ({"budget_ms": 1.0, "amount": 1.0}, "amount"),
         ({"budget_ms": 1.0, "climb": -1}, r"climb must be >= 0 \(got -1\)"),
+        ({"budget_ms": 1.0, "short_images": 0}, r"short_images must be >= 1 \(got 0\)"),
+        (
+            {"budget_ms": 1.0, "allocation": "threshold", "selection": "short-finetune"},
+            "--selection short-finetune chooses among knapsack answers",
+        ),
     ],
 )
 def test_config_errors(kw, match):
@@ -800,6 +805,77 @@ def test_a_budget_run_with_sensitivity_selection_reads_no_adaptive_bn_loss(
     assert r["pruned"]["latency_ms"]["median"] <= budget
     assert r["search"] and all(c["score"] is None for c in r["search"])
     assert not any("adaptive-BN" in line for line in lines)
+
+
+def test_short_finetune_selection_scores_each_answer_after_its_short_training(
+    tmp_path, monkeypatch
+):
+    from deeplsp.structure import channel_scores, find_groups, order_of
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    torch.manual_seed(0)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+    scores = channel_scores(model, shape, "l1")
+
+    def cut(cheap):  # two cost tables that disagree on which group to cut
+        return {
+            g: {k: (0.01 if g == cheap else 1.0) * (1 - k / max(c)) for k in c}
+            for g, c in candidates.items()
+        }
+
+    sens = cut("features.3")
+    tables = {1.0: sens, 0.5: cut("features.6")}
+    trained, judged = [], []
+
+    def short(net):
+        trained.append(net)
+        net.features[3].weight.data.zero_()  # what the judge must see
+
+    def fake_adapted_losses(net, adapt, held):
+        judged.append(net)
+        return torch.full((8,), float(net.features[3].weight.abs().sum()))
+
+    monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    data = ([(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))],) * 2
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        budget = 0.5 * lat.table_sum({g: max(c) for g, c in candidates.items()})
+        sel = prune_mod.Selector(
+            model, shape, order_of(scores), lat, candidates, sens, tables, data, short=short
+        )
+        keeps, _, line = sel.allocate(budget)
+    assert line.startswith("adaptive-BN loss by blend 1: ")  # answers were compared
+    # every answer judged once, right after its own short training, and scored as trained
+    assert len(trained) >= 2 and [id(n) for n in judged] == [id(n) for n in trained]
+    assert float(sel.losses(keeps)[0]) == 0.0 and len(trained) == len(judged)
+
+
+def test_a_budget_run_with_short_finetune_selection_reports_its_losses(
+    tmp_path, tiny, fashionmnist_dir
+):
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.5 * _dense_ms(probe)
+    cfg = _cfg(
+        tmp_path,
+        fashionmnist_dir,
+        budget_ms=budget,
+        finetune_epochs=0,
+        selection="short-finetune",
+        short_images=16,
+    )
+    r = prune(cfg, log=lambda s: None)
+    assert r["pruned"]["latency_ms"]["median"] <= budget
+    assert r["search"] and all(c["score"] is not None for c in r["search"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "loss after short fine-tune" in md and "adaptive-BN loss |" not in md
 
 
 def test_cost_tables_blend_loss_with_removed_importance():
