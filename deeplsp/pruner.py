@@ -582,6 +582,7 @@ class Selector:
             blend, keeps = next(iter(answers.values()))
             return keeps, blend, ""
         rated = [(self.score(keeps), blend, keeps) for blend, keeps in answers.values()]
+        judge = "adaptive-BN loss" if self.short is None else "loss after a short fine-tune"
         others = ", ".join(f"{b:g}: {s:.3f}" for s, b, _ in rated)
         # The loss-increase knapsack's answer (the highest blend) stands unless another is
         # clearly better: a difference within the estimate's noise fine-tuned either way.
@@ -592,10 +593,7 @@ class Selector:
             return (
                 own,
                 own_blend,
-                (
-                    f"adaptive-BN loss by blend {others}; none clearly below blend "
-                    f"{own_blend:g}'s, kept it"
-                ),
+                (f"{judge} by blend {others}; none clearly below blend {own_blend:g}'s, kept it"),
             )
         loss, blend, keeps = min(better, key=lambda r: (r[0], -r[1]))
         gap, se = lower_by(self.losses(keeps), base)
@@ -603,7 +601,7 @@ class Selector:
             keeps,
             blend,
             (
-                f"adaptive-BN loss by blend {others}; chose {blend:g}, {gap:.3f} below blend "
+                f"{judge} by blend {others}; chose {blend:g}, {gap:.3f} below blend "
                 f"{own_blend:g}'s (standard error {se:.3f})"
             ),
         )

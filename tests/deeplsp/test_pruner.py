@@ -850,7 +850,7 @@ def test_short_finetune_selection_scores_each_answer_after_its_short_training(
             model, shape, order_of(scores), lat, candidates, sens, tables, data, short=short
         )
         keeps, _, line = sel.allocate(budget)
-    assert line.startswith("adaptive-BN loss by blend 1: ")  # answers were compared
+    assert line.startswith("loss after a short fine-tune by blend 1: ")  # answers compared
     # every answer judged once, right after its own short training, and scored as trained
     assert len(trained) >= 2 and [id(n) for n in judged] == [id(n) for n in trained]
     assert float(sel.losses(keeps)[0]) == 0.0 and len(trained) == len(judged)
