@@ -24,11 +24,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path
+from prune_budget import HERE, SHAPE, cached_dense
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
-from deeplsp.checkpoint import load_checkpoint
 from deeplsp.pruner import (
     LatencyModel,
     PruneConfig,
@@ -57,8 +56,7 @@ def main() -> None:
     args = p.parse_args()
 
     name = args.model
-    dense = load_checkpoint(dense_path(name, args.train_subset, DENSE_EPOCHS[name]))
-    dense = dense.build_model().eval()
+    dense = cached_dense(name, args.train_subset)
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(model=name, dataset="fashionmnist", out="-", budget_ratio=0.3)
     sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")

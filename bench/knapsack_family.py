@@ -29,17 +29,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from prune_budget import (
-    DENSE_EPOCHS,
     HERE,
     SHAPE,
-    dense_path,
+    cached_dense,
     finetune_over_seeds,
     markdown_table,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
-from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.masks import MaskHooks
 from deeplsp.pruner import (
@@ -92,8 +90,7 @@ def main() -> None:
     args = p.parse_args()
 
     name = args.model
-    ckpt = dense_path(name, args.train_subset, DENSE_EPOCHS[name])
-    dense = load_checkpoint(ckpt).build_model().eval()
+    dense = cached_dense(name, args.train_subset)
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(  # DeepLSP's defaults: its calibration draws and fine-tuning settings
         model=name,

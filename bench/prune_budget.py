@@ -147,6 +147,13 @@ def dense_path(name: str, train_subset: int, epochs: int) -> Path:
     return HERE / "cache" / f"{name}-fashionmnist-{train_subset}-{epochs}.pt"
 
 
+def cached_dense(name: str, train_subset: int) -> torch.nn.Module:
+    """The dense model this bench trained and cached (run it first), in eval mode: the
+    other benches' starting point."""
+    ckpt = dense_path(name, train_subset, DENSE_EPOCHS[name])
+    return load_checkpoint(ckpt).build_model().eval()
+
+
 def dense_checkpoint(name, args):
     """The bench's dense model (path, model): trained once on `args.train_subset` images
     for `args.dense_epochs` epochs, then cached in bench/cache/."""

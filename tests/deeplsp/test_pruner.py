@@ -722,10 +722,14 @@ def test_coupled_allocation_holds_the_budget_when_narrow_inputs_time_slower(tmp_
         assert keeps != {g: min(c) for g, c in candidates.items()}
 
 
-@pytest.mark.parametrize("noise", [0.0, 1.0])
-def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_lower_loss(
-    tmp_path, monkeypatch, noise
-):
+@pytest.fixture
+def disagreeing(tmp_path):
+    """A TinyNet whose two cost tables disagree on which group to cut (`sens` cuts
+    features.3 cheaply, `other` features.6), on a synthetic latency table, with a one-batch
+    adaptive-BN set: `make(tables, **kw)` opens the table and returns (LatencyModel, a
+    Selector over `tables`, half the dense table sum)."""
+    from contextlib import ExitStack
+
     from deeplsp.structure import channel_scores, find_groups, order_of
     from devices import DEVICES
 
@@ -734,17 +738,42 @@ def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_low
     model = TinyNet(10, 1, 16).eval()
     groups = find_groups(model, shape)
     candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
-    scores = channel_scores(model, shape, "l1")
+    order = order_of(channel_scores(model, shape, "l1"))
 
-    # two cost tables that disagree on which group to cut
     def cut(cheap):
         return {
             g: {k: (0.01 if g == cheap else 1.0) * (1 - k / max(c)) for k in c}
             for g, c in candidates.items()
         }
 
-    sens = cut("features.3")
-    tables = {1.0: sens, 0.0: cut("features.6")}
+    data = ([(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))],) * 2
+    with ExitStack() as stack:
+
+        def make(tables, **kw):
+            table = stack.enter_context(
+                LatencyTable(
+                    DEVICES.get("cpu"),
+                    tmp_path / "t.sqlite",
+                    measure=lambda s: _stats(_layer_ms(s)),
+                )
+            )
+            lat = prune_mod.LatencyModel(model, shape, groups, table)
+            budget = 0.5 * lat.table_sum({g: max(c) for g, c in candidates.items()})
+            sel = prune_mod.Selector(
+                model, shape, order, lat, candidates, tables[1.0], tables, data, **kw
+            )
+            return lat, sel, budget
+
+        yield SimpleNamespace(
+            candidates=candidates, sens=cut("features.3"), other=cut("features.6"), make=make
+        )
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_lower_loss(
+    disagreeing, monkeypatch, noise
+):
+    tables = {1.0: disagreeing.sens, 0.0: disagreeing.other}
     judged = []
 
     def fake_adapted_losses(net, adapt, held):
@@ -757,21 +786,13 @@ def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_low
         return 1.0 / width + swing
 
     monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
-    table = LatencyTable(
-        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
-    )
-    with table:
-        lat = prune_mod.LatencyModel(model, shape, groups, table)
-        budget = 0.5 * lat.table_sum({g: max(c) for g, c in candidates.items()})
-        answers = {
-            b: prune_mod.allocate_coupled(lat, candidates, t, budget)[0] for b, t in tables.items()
-        }
-        assert answers[1.0]["features.3"] < answers[0.0]["features.3"]  # the case
-        data = ([(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))],) * 2
-        sel = prune_mod.Selector(
-            model, shape, order_of(scores), lat, candidates, sens, tables, data
-        )
-        keeps, blend, line = sel.allocate(budget)
+    lat, sel, budget = disagreeing.make(tables)
+    candidates = disagreeing.candidates
+    answers = {
+        b: prune_mod.allocate_coupled(lat, candidates, t, budget)[0] for b, t in tables.items()
+    }
+    assert answers[1.0]["features.3"] < answers[0.0]["features.3"]  # the case
+    keeps, blend, line = sel.allocate(budget)
     assert line.startswith("adaptive-BN loss by blend 1: ")
     if noise:  # within the estimate's noise: the loss-increase knapsack's answer stands
         assert keeps == answers[1.0] and blend == 1.0
@@ -808,26 +829,8 @@ def test_a_budget_run_with_sensitivity_selection_reads_no_adaptive_bn_loss(
 
 
 def test_short_finetune_selection_scores_each_answer_after_its_short_training(
-    tmp_path, monkeypatch
+    disagreeing, monkeypatch
 ):
-    from deeplsp.structure import channel_scores, find_groups, order_of
-    from devices import DEVICES
-
-    shape = (1, 1, 16, 16)
-    torch.manual_seed(0)
-    model = TinyNet(10, 1, 16).eval()
-    groups = find_groups(model, shape)
-    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
-    scores = channel_scores(model, shape, "l1")
-
-    def cut(cheap):  # two cost tables that disagree on which group to cut
-        return {
-            g: {k: (0.01 if g == cheap else 1.0) * (1 - k / max(c)) for k in c}
-            for g, c in candidates.items()
-        }
-
-    sens = cut("features.3")
-    tables = {1.0: sens, 0.5: cut("features.6")}
     trained, judged = [], []
 
     def short(net):
@@ -839,17 +842,9 @@ def test_short_finetune_selection_scores_each_answer_after_its_short_training(
         return torch.full((8,), float(net.features[3].weight.abs().sum()))
 
     monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
-    table = LatencyTable(
-        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
-    )
-    data = ([(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))],) * 2
-    with table:
-        lat = prune_mod.LatencyModel(model, shape, groups, table)
-        budget = 0.5 * lat.table_sum({g: max(c) for g, c in candidates.items()})
-        sel = prune_mod.Selector(
-            model, shape, order_of(scores), lat, candidates, sens, tables, data, short=short
-        )
-        keeps, _, line = sel.allocate(budget)
+    tables = {1.0: disagreeing.sens, 0.5: disagreeing.other}
+    _, sel, budget = disagreeing.make(tables, short=short)
+    keeps, _, line = sel.allocate(budget)
     assert line.startswith("loss after a short fine-tune by blend 1: ")  # answers compared
     # every answer judged once, right after its own short training, and scored as trained
     assert len(trained) >= 2 and [id(n) for n in judged] == [id(n) for n in trained]
