@@ -73,7 +73,8 @@ BLENDS = (1.0, 0.75, 0.5, 0.25, 0.0)
 # Under --selection short-finetune, the blends whose answers are judged. At 25-28% of
 # MobileNetV3-L's latency blend 0's answers fine-tuned 12-15 points under the best
 # blend's yet read among the lowest losses after the short fine-tuning (bench/README.md,
-# knapsack_family, session 14); blends 1, 0.75 and 0.5 held each budget's best answer.
+# knapsack_family, session 14); blends 1, 0.75 and 0.5 held each budget's best answer
+# (or one within 0.1 points of it)).
 SHORT_FINETUNE_BLENDS = (1.0, 0.75, 0.5)
 
 
@@ -495,7 +496,8 @@ class Selector:
     `SHORT_FINETUNE_BLENDS`, each answer scored after `short` (one pass of distillation
     over a few hundred training images, NetAdapt's short-term fine-tuning) has trained it:
     at 25-28% of MobileNetV3-L's latency adaptive-BN alone picked answers that fine-tuned
-    to 58-66%, the short fine-tuning the blend whose answers reached 61-68%. With
+    to 58-66%, the short fine-tuning the blend whose answers reached 61-68%; end to end it
+    did not beat adaptive-bn (bench/README.md, session 14), so it is not the default. With
     `threshold` (importance scores; ``--allocation threshold``) the answer is
     `allocate_threshold`'s instead of the knapsack's."""
 
@@ -593,7 +595,7 @@ class Selector:
             return (
                 own,
                 own_blend,
-                (f"{judge} by blend {others}; none clearly below blend {own_blend:g}'s, kept it"),
+                f"{judge} by blend {others}; none clearly below blend {own_blend:g}'s, kept it",
             )
         loss, blend, keeps = min(better, key=lambda r: (r[0], -r[1]))
         gap, se = lower_by(self.losses(keeps), base)
