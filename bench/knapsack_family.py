@@ -39,7 +39,6 @@ from prune_budget import (
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
 from deeplsp.datasets import load_split, make_loader
-from deeplsp.masks import MaskHooks
 from deeplsp.pruner import (
     LatencyModel,
     PruneConfig,
@@ -47,12 +46,12 @@ from deeplsp.pruner import (
     abn_batches,
     allocate_coupled,
     cost_tables,
+    distil,
     measure_model,
     scan,
     summed_loss,
 )
 from deeplsp.structure import prune_groups
-from deeplsp.training import short_budget, train
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
@@ -134,13 +133,7 @@ def main() -> None:
                 net = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=order)
                 ms = timing and measure_model(net, SHAPE, timing)["latency"]["median"]
                 short = copy.deepcopy(net)
-                train(
-                    short,
-                    make_loader(short_ds, 64, shuffle=True, seed=0),
-                    short_budget(1, 0, cfg.finetune_lr),
-                    MaskHooks(short, {}, dense, cfg.kd_alpha, cfg.kd_temperature),
-                    "short fine-tune",
-                )
+                distil(short, dense, {}, short_ds, 1, cfg, "short fine-tune")
                 top1 = finetune_over_seeds(net, dense, cfg, test_loader, args.seeds)
                 fine_tuned = top1 and {
                     "top1": round(statistics.mean(top1), 3),

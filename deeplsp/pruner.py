@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from deeplsp.adaptive_bn import adapted_losses, clearly_lower, lower_by
 from deeplsp.allocation import InfeasibleBudget, Option, allocate
@@ -810,6 +811,27 @@ def unstructured_amounts(
 
 
 # -- the pipeline ---------------------------------------------------------------------
+def distil(
+    model: nn.Module,
+    dense: nn.Module,
+    masks: Masks,
+    images: Dataset,
+    epochs: int,
+    cfg: PruneConfig,
+    desc: str,
+) -> dict:
+    """Train `model` in place on `images` with distillation from the dense model and the
+    masks enforced, at `cfg`'s fine-tuning settings: `finetune` and the short fine-tuning
+    that judges networks (`short_finetune`, bench/knapsack_family.py) alike."""
+    return train(
+        model,
+        make_loader(images, 64, shuffle=True, seed=cfg.seed),
+        short_budget(epochs, cfg.seed, cfg.finetune_lr),
+        MaskHooks(model, masks, dense, cfg.kd_alpha, cfg.kd_temperature),
+        desc,
+    )
+
+
 def finetune(model: nn.Module, dense: nn.Module, masks: Masks, cfg: PruneConfig) -> None:
     """DeepLSP's fine-tuning: distillation from the dense model with the masks enforced,
     on `cfg`'s training subset. bench/prune_budget.py gives the baselines this same
@@ -817,13 +839,7 @@ def finetune(model: nn.Module, dense: nn.Module, masks: Masks, cfg: PruneConfig)
     train_ds = load_split(
         cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed
     )
-    train(
-        model,
-        make_loader(train_ds, 64, shuffle=True, seed=cfg.seed),
-        short_budget(cfg.finetune_epochs, cfg.seed, cfg.finetune_lr),
-        MaskHooks(model, masks, dense, cfg.kd_alpha, cfg.kd_temperature),
-        "fine-tune",
-    )
+    distil(model, dense, masks, train_ds, cfg.finetune_epochs, cfg, "fine-tune")
 
 
 def short_finetune(cfg: PruneConfig, dense: nn.Module) -> Callable[[nn.Module], dict]:
@@ -834,17 +850,7 @@ def short_finetune(cfg: PruneConfig, dense: nn.Module) -> Callable[[nn.Module], 
     images = load_split(
         cfg.dataset, "train", cfg.data_dir, subset=cfg.short_images, seed=cfg.seed + 2
     )
-
-    def run(net: nn.Module) -> dict:
-        return train(
-            net,
-            make_loader(images, 64, shuffle=True, seed=cfg.seed),
-            short_budget(1, cfg.seed, cfg.finetune_lr),
-            MaskHooks(net, {}, dense, cfg.kd_alpha, cfg.kd_temperature),
-            "short fine-tune",
-        )
-
-    return run
+    return lambda net: distil(net, dense, {}, images, 1, cfg, "short fine-tune")
 
 
 def candidate_keeps(groups: list[ChannelGroup], ratios, multiple: int) -> dict[str, list[int]]:
@@ -1053,6 +1059,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                     f"{small_ms:.3f} ms measured with every group at its smallest candidate "
                     f"({smallest}) on {device.name}"
                 )
+            tables, abn_data, short = _judging(cfg, dense, sens, scores, candidates)
             chosen, status = stages.run(
                 "search",
                 _closed_loop,
@@ -1073,17 +1080,10 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                     lat,
                     choices,
                     sens,
-                    {1.0: sens}
-                    if cfg.selection == "sensitivity"
-                    else cost_tables(
-                        sens,
-                        scores,
-                        candidates,
-                        SHORT_FINETUNE_BLENDS if cfg.selection == "short-finetune" else BLENDS,
-                    ),
-                    None if cfg.selection == "sensitivity" else abn_batches(cfg),
+                    tables,
+                    abn_data,
                     threshold,
-                    short_finetune(cfg, dense) if cfg.selection == "short-finetune" else None,
+                    short,
                 ),
             )
         table_stats = table.stats
@@ -1262,6 +1262,23 @@ def allocate_channels(
         raise too_few from None
     keeps = alloc.keeps()
     return keeps, summed_loss(sens, keeps)
+
+
+def _judging(
+    cfg: PruneConfig,
+    dense: nn.Module,
+    sens: dict[str, dict[int, float]],
+    scores: dict[str, torch.Tensor],
+    candidates: dict[str, list[int]],
+) -> tuple:
+    """What `Selector` judges knapsack answers with under `cfg.selection`: its cost tables,
+    its adaptive-BN images (None: none read), its short fine-tuning (None: none)."""
+    if cfg.selection == "sensitivity":
+        return {1.0: sens}, None, None
+    if cfg.selection == "short-finetune":
+        tables = cost_tables(sens, scores, candidates, SHORT_FINETUNE_BLENDS)
+        return tables, abn_batches(cfg), short_finetune(cfg, dense)
+    return cost_tables(sens, scores, candidates, BLENDS), abn_batches(cfg), None
 
 
 def abn_batches(cfg: PruneConfig) -> tuple[list, list]:
