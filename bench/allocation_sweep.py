@@ -39,6 +39,7 @@ from prune_budget import (
     dense_checkpoint,
     finetune_and_eval,
     global_taylor,
+    paired_timing,
     timed_near,
 )
 from tabulate import tabulate
@@ -48,11 +49,9 @@ from deeplsp.datasets import load_split, make_loader
 from deeplsp.pruner import (
     LatencyModel,
     PruneConfig,
-    Timing,
     allocate_coupled,
     allocate_threshold,
     every_multiple,
-    measure_model,
     scan,
 )
 from deeplsp.structure import prune_groups
@@ -84,9 +83,7 @@ def main() -> None:
     mp_batches = list(make_loader(calib_ds, 32, shuffle=False))  # prune_budget's, for MetaPruner
     work = HERE / "cache" / "allocation_sweep"
     work.mkdir(parents=True, exist_ok=True)
-    timing = Timing(device, 10, 50)
-    dense_ms = measure_model(dense, SHAPE, timing, work / "dense.onnx")["latency"]["median"]
-    timing = Timing(device, 10, 50, work / "dense.onnx", dense_ms)
+    timing, dense_ms = paired_timing(device, dense, work / "dense.onnx", 50)
 
     # DeepLSP's own inputs, as `deeplsp.pruner.prune` builds them (default config)
     cfg = PruneConfig(

@@ -24,14 +24,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from prune_budget import HERE, SHAPE, cached_dense
+from prune_budget import HERE, SHAPE, cached_dense, paired_timing
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
 from deeplsp.pruner import (
     LatencyModel,
     PruneConfig,
-    Timing,
     allocate_coupled,
     measure_model,
     scan,
@@ -73,10 +72,7 @@ def main() -> None:
         base, _ = allocate_coupled(lat, sc.candidates, sc.sens, args.table_budget * dense_sum)
         nets = {c: {**base, args.group: c} for c in counts}
         parts = {c: lat.parts(k) for c, k in nets.items()}
-        dense_onnx = Path(tmp) / "dense.onnx"
-        timing = Timing(device, 10, args.iters)
-        dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
-        timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+        timing, dense_ms = paired_timing(device, dense, Path(tmp) / "dense.onnx", args.iters)
         for r in range(args.repeats):
             for c, keeps in nets.items():
                 model = prune_groups(copy.deepcopy(dense), SHAPE, keeps, order=sc.order)

@@ -34,6 +34,7 @@ from prune_budget import (
     cached_dense,
     finetune_over_seeds,
     markdown_table,
+    paired_timing,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
@@ -42,7 +43,6 @@ from deeplsp.datasets import load_split, make_loader
 from deeplsp.pruner import (
     LatencyModel,
     PruneConfig,
-    Timing,
     abn_batches,
     allocate_coupled,
     cost_tables,
@@ -113,10 +113,7 @@ def main() -> None:
     ):
         timing = None
         if args.measure:
-            dense_onnx = Path(tmp) / "dense.onnx"
-            timing = Timing(device, 10, args.iters)
-            dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
-            timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+            timing, dense_ms = paired_timing(device, dense, Path(tmp) / "dense.onnx", args.iters)
         tables = cost_tables(sens, sc.scores, candidates, tuple(map(float, args.blends.split(","))))
         for weight_cost, (blend, costs) in itertools.product(
             map(float, args.weight_costs.split(",")), tables.items()

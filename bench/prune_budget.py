@@ -147,6 +147,14 @@ def dense_path(name: str, train_subset: int, epochs: int) -> Path:
     return HERE / "cache" / f"{name}-fashionmnist-{train_subset}-{epochs}.pt"
 
 
+def paired_timing(device, dense, onnx_path: Path, iters: int) -> tuple[Timing, float]:
+    """The pipeline's paired timing: the dense model exported to `onnx_path` and timed
+    once, then every file timed alternately with it. Returns (the timing, dense ms)."""
+    timing = Timing(device, 10, iters)
+    dense_ms = measure_model(dense, SHAPE, timing, onnx_path)["latency"]["median"]
+    return Timing(device, 10, iters, onnx_path, dense_ms), dense_ms
+
+
 def cached_dense(name: str, train_subset: int) -> torch.nn.Module:
     """The dense model this bench trained and cached (run it first), in eval mode: the
     other benches' starting point."""
@@ -256,9 +264,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
     for name in args.models.split(","):
         ckpt, dense = dense_checkpoint(name, args)
         dense_onnx = work / f"{name}-dense.onnx"
-        timing = Timing(device, 10, args.iters)
-        dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
-        timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+        timing, dense_ms = paired_timing(device, dense, dense_onnx, args.iters)
         dense_macs = count_torch(dense, SHAPE).macs
         multiple = device.channel_multiple  # every method's channel counts, aligned alike
         dense_top1 = evaluate(dense, test_loader, "cpu")["top1"]

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from prune_budget import HERE, SHAPE, cached_dense
+from prune_budget import HERE, SHAPE, cached_dense, paired_timing
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
@@ -34,7 +34,6 @@ from deeplsp.pruner import (
     WEIGHT_COST_NETWORKS,
     LatencyModel,
     PruneConfig,
-    Timing,
     calibrate,
     calibration_networks,
     measure_model,
@@ -136,10 +135,7 @@ def main() -> None:
         LatencyTable(device, HERE / "cache" / "latency.sqlite") as table,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        dense_onnx = Path(tmp) / "dense.onnx"
-        timing = Timing(device, 10, args.iters)
-        dense_ms = measure_model(dense, SHAPE, timing, dense_onnx)["latency"]["median"]
-        timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+        timing, dense_ms = paired_timing(device, dense, Path(tmp) / "dense.onnx", args.iters)
         for i in range(args.repeats):
             for way in costs:
                 lat = LatencyModel(dense, SHAPE, sc.groups, table)
