@@ -53,6 +53,7 @@ from profiling.latency_table import (
     Calibration,
     LatencyTable,
     LayerSig,
+    activation_after,
     default_cache_path,
     fit_weight_cost,
 )
@@ -275,15 +276,18 @@ class LatencyModel:
         self.weight_cost = weight_cost
         self.channels = {g.id: g.channels for g in groups}
         self.links: list[LayerLink] = layer_links(model, groups)
-        self.sigs: dict[str, LayerSig] = {}
+        inputs: dict[str, tuple[int, ...]] = {}
+        calls: list[tuple[str, nn.Module]] = []  # every leaf module, in the order it ran
         modules = dict(model.named_modules())
         handles = [
             modules[lk.name].register_forward_hook(
-                lambda m, i, o, name=lk.name: self.sigs.__setitem__(
-                    name, LayerSig.from_module(m, tuple(i[0].shape))
-                )
+                lambda m, i, o, name=lk.name: inputs.__setitem__(name, tuple(i[0].shape))
             )
             for lk in self.links
+        ] + [
+            m.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m)))
+            for name, m in modules.items()
+            if not any(m.children())
         ]
         try:
             with torch.no_grad():
@@ -294,6 +298,10 @@ class LatencyModel:
         finally:
             for h in handles:
                 h.remove()
+        self.sigs: dict[str, LayerSig] = {
+            name: LayerSig.from_module(modules[name], shape_in, activation_after(calls, name))
+            for name, shape_in in inputs.items()
+        }
 
     def _scaled(self, dim: int, group: str | None, keeps: dict[str, int]) -> int:
         if group is None or group not in keeps:
@@ -990,7 +998,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         )
 
     with LatencyTable(
-        device, cache_dir / "latency.sqlite", warmup=cfg.warmup, iters=max(10, cfg.iters // 2)
+        device, cache_dir / "latency.sqlite", warmup=cfg.warmup, iters=2 * cfg.iters
     ) as table:
         rows_before = table.stats["rows"]
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)

@@ -26,18 +26,25 @@ TIMEOUT_S = 900  # per file
 
 
 def measure_isolated_many(
-    paths: Sequence[str | Path], threads: int, warmup: int, iters: int, repeats: int = 1
+    paths: Sequence[str | Path],
+    threads: int,
+    warmup: int,
+    iters: int,
+    repeats: int = 1,
+    kernels_except: Sequence[str] | None = None,
 ) -> Iterator[LatencyStats]:
     """Each file's stats, in order, as soon as the child has timed it.
 
     With `repeats` > 1 a file's stats are the middle of that many timed windows
     (by median): one burst of load on a shared machine shifts a whole window,
-    which a median inside it cannot undo.
+    which a median inside it cannot undo. With `kernels_except`, kernel times
+    (`OnnxRuntimeRunner`'s).
     """
     if not paths:
         return
+    ops = "-" if kernels_except is None else ",".join(kernels_except)
     cmd = [sys.executable, "-m", "profiling.isolated", str(threads), str(warmup), str(iters),
-           str(repeats), *map(str, paths)]  # fmt: skip
+           str(repeats), ops, *map(str, paths)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for path in paths:
@@ -58,18 +65,25 @@ def measure_isolated_many(
 
 
 def measure_isolated(
-    path: str | Path, threads: int, warmup: int, iters: int, repeats: int = 3
+    path: str | Path,
+    threads: int,
+    warmup: int,
+    iters: int,
+    repeats: int = 3,
+    kernels_except: Sequence[str] | None = None,
 ) -> LatencyStats:
     """One file's stats: the middle of `repeats` timed windows, measured in a child process."""
-    return next(iter(measure_isolated_many([path], threads, warmup, iters, repeats)))
+    runs = measure_isolated_many([path], threads, warmup, iters, repeats, kernels_except)
+    return next(iter(runs))
 
 
 def main(argv: list[str]) -> None:
     from profiling.onnxruntime_runner import OnnxRuntimeRunner
 
     threads, warmup, iters, repeats = map(int, argv[:4])
-    for path in argv[4:]:
-        with OnnxRuntimeRunner(path, threads=threads) as runner:
+    kernels_except = None if argv[4] == "-" else argv[4].split(",")
+    for path in argv[5:]:
+        with OnnxRuntimeRunner(path, threads=threads, kernels_except=kernels_except) as runner:
             runs = sorted(
                 (runner.measure(warmup=warmup, iters=iters) for _ in range(repeats)),
                 key=lambda s: s.median,

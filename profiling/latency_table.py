@@ -33,6 +33,25 @@ from profiling import target
 from profiling.runner import LatencyStats
 
 KINDS = ("conv", "linear")
+SINK = "GlobalAveragePool"  # what a conv layer's file ends with (see layer_onnx)
+# What a one-layer file runs only because the layer runs alone: ONNX Runtime's layout
+# conversions into and out of its blocked (NCHWc) layout, and the sink. Not timed where
+# kernels are (profiling.target.measure_layers): inside a network the convolutions pass
+# the blocked layout to each other.
+HARNESS = ("ReorderInput", "ReorderOutput", SINK)
+LAYER_FILES = 2  # the version of layer_onnx's files: 2 added the activation and the sink
+# The activation a layer's output goes through, as ONNX Runtime fuses it into the layer's
+# kernel: timed with it, since in MobileNetV3-L a convolution followed by hard-swish took
+# 1.3-1.5x the time of the bare convolution inside the network (bench/README.md,
+# layer_context). torch module -> name in the cache key.
+ACTIVATIONS = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Sigmoid: "sigmoid",
+    nn.SiLU: "silu",
+}
 OPSET = 18
 IR_VERSION = 8  # the IR of opset 18: loadable by every ONNX Runtime that runs opset 18
 
@@ -66,6 +85,7 @@ class LayerSig:
     groups: int = 1
     in_hw: tuple[int, int] = (1, 1)  # input height, width (linear: (1, 1))
     batch: int = 1
+    act: str = ""  # the activation applied to the output ("": none); see ACTIVATIONS
 
     def __post_init__(self) -> None:
         for name in ("kernel", "stride", "padding", "in_hw"):
@@ -80,6 +100,11 @@ class LayerSig:
     def _validate(self) -> None:
         if self.kind not in KINDS:
             raise DeepLSPError(f"layer kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
+        if self.act != "" and self.act not in ACTIVATIONS.values():
+            raise DeepLSPError(
+                f"activation must be one of {', '.join(ACTIVATIONS.values())} or empty "
+                f"(got {self.act!r})"
+            )
         sizes = {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -133,12 +158,13 @@ class LayerSig:
 
     def key(self) -> str:
         """Stable, human-readable cache key; every field that changes latency is in it."""
+        act = f"/{self.act}" if self.act else ""
         if self.kind == "linear":
-            return f"linear/i{self.in_channels}/o{self.out_channels}/b{self.batch}"
+            return f"linear/i{self.in_channels}/o{self.out_channels}/b{self.batch}{act}"
         k, s, p, hw = self.kernel, self.stride, self.padding, self.in_hw
         return (
             f"conv/i{self.in_channels}/o{self.out_channels}/k{k[0]}x{k[1]}/s{s[0]}x{s[1]}"
-            f"/p{p[0]}x{p[1]}/g{self.groups}/hw{hw[0]}x{hw[1]}/b{self.batch}"
+            f"/p{p[0]}x{p[1]}/g{self.groups}/hw{hw[0]}x{hw[1]}/b{self.batch}{act}"
         )
 
     def with_channels(self, in_channels: int, out_channels: int) -> LayerSig:
@@ -158,11 +184,15 @@ class LayerSig:
             groups,
             self.in_hw,
             self.batch,
+            self.act,
         )
 
     @classmethod
-    def from_module(cls, module: nn.Module, input_shape: tuple[int, ...]) -> LayerSig:
-        """The signature of an nn.Conv2d / nn.Linear given its input shape (N, C, H, W) / (N, F)."""
+    def from_module(
+        cls, module: nn.Module, input_shape: tuple[int, ...], act: str = ""
+    ) -> LayerSig:
+        """The signature of an nn.Conv2d / nn.Linear given its input shape (N, C, H, W) / (N, F)
+        and the activation its output goes through (`act`)."""
         try:
             shape = tuple(int(d) for d in input_shape)
         except (TypeError, ValueError):
@@ -196,6 +226,7 @@ class LayerSig:
                 module.groups,
                 (shape[2], shape[3]),
                 shape[0],
+                act,
             )
         if isinstance(module, nn.Linear):
             if len(shape) < 2 or shape[-1] != module.in_features:
@@ -203,15 +234,38 @@ class LayerSig:
                     f"a Linear input must be (N, {module.in_features}) (got {shape})"
                 )
             return cls(
-                "linear", module.in_features, module.out_features, batch=math.prod(shape[:-1])
+                "linear",
+                module.in_features,
+                module.out_features,
+                batch=math.prod(shape[:-1]),
+                act=act,
             )
         raise DeepLSPError(
             f"the latency table knows nn.Conv2d and nn.Linear layers, not {type(module).__name__}"
         )
 
 
+# Modules an activation can follow a layer through: at inference they do not touch it
+# (dropout), or ONNX Runtime folds them into the layer (batch norm).
+_PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Identity)
+
+
+def activation_after(calls: Sequence[tuple[str, nn.Module]], name: str) -> str:
+    """The activation (a value of ACTIVATIONS, or "") that the output of the module called
+    `name` goes through, from the modules a forward pass called, in order: the first one
+    after it that is not a pass-through. Functional activations are not seen ("")."""
+    names = [n for n, _ in calls]
+    if name not in names:
+        raise DeepLSPError(f"{name!r} was not called in the forward pass")
+    for _, module in calls[names.index(name) + 1 :]:
+        if not isinstance(module, _PASS_THROUGH):
+            return ACTIVATIONS.get(type(module), "")
+    return ""
+
+
 def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
-    """A one-node ONNX model of `sig` (Conv or Gemm, with bias) to time on the device.
+    """An ONNX model of `sig` (Conv or Gemm, with bias, then its activation) to time on the
+    device.
 
     Built with onnx.helper rather than a torch export: thousands of shapes are
     measured, and this takes milliseconds. Weights are seeded random float32 so
@@ -240,21 +294,64 @@ def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
         attrs = {"transB": 1}
         op, fan_in = "Gemm", sig.in_channels
     weight = (rng.standard_normal(w_shape) / math.sqrt(fan_in)).astype(np.float32)
-    node = helper.make_node(op, ["input", "weight", "bias"], ["output"], **attrs)
+    nodes = [helper.make_node(op, ["input", "weight", "bias"], ["layer"], **attrs)]
+    nodes += _activation_nodes(sig.act, "layer", "activated")
+    if sig.kind == "conv":
+        # ONNX Runtime fuses an activation into the convolution only when the activation's
+        # output stays in its blocked layout, as it does in a network; at the graph output it
+        # runs apart (hard-swish as two more passes). A global average pool keeps it inside.
+        nodes.append(helper.make_node(SINK, [nodes[-1].output[0]], ["output"]))
+        out_shape = [sig.batch, sig.out_channels, 1, 1]
+    else:
+        nodes[-1].output[0] = "output"
     graph = helper.make_graph(
-        [node],
+        nodes,
         sig.key().replace("/", "_"),
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
         initializer=[
             numpy_helper.from_array(weight, "weight"),
             numpy_helper.from_array(bias, "bias"),
+            *_activation_constants(sig.act),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+# One-node activations as torch exports them (opset 18); relu6 and silu are built apart.
+_ACTIVATION_OPS = {
+    "relu": ("Relu", {}),
+    "hardswish": ("HardSwish", {}),
+    "hardsigmoid": ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}),
+    "sigmoid": ("Sigmoid", {}),
+}
+
+
+def _activation_nodes(act: str, x: str, y: str) -> list[onnx.NodeProto]:
+    """The ONNX nodes torch exports for `act`, from `x` to `y`."""
+    if not act:
+        return []
+    if act == "relu6":
+        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y])]
+    if act == "silu":  # x * sigmoid(x)
+        return [
+            helper.make_node("Sigmoid", [x], ["gate"]),
+            helper.make_node("Mul", [x, "gate"], [y]),
+        ]
+    op, attrs = _ACTIVATION_OPS[act]
+    return [helper.make_node(op, [x], [y], **attrs)]
+
+
+def _activation_constants(act: str) -> list[onnx.TensorProto]:
+    if act != "relu6":
+        return []
+    return [
+        numpy_helper.from_array(np.array(0.0, np.float32), "clip_min"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "clip_max"),
+    ]
 
 
 def default_cache_path() -> Path:
@@ -286,7 +383,8 @@ class LatencyTable:
         cache_path: str | Path | None = None,
         *,
         warmup: int = 10,
-        iters: int = 30,
+        iters: int = 100,  # one layer's kernel: 30 runs put 80% of MobileNetV3-L variants within 5%
+        # of measured, 100 runs 92% (bench/README.md, layer_context)
         measure: Callable[[LayerSig], LatencyStats] | None = None,
     ) -> None:
         if warmup < 0 or iters < 1:
@@ -297,7 +395,8 @@ class LatencyTable:
         self.path = Path(cache_path) if cache_path is not None else default_cache_path()
         self._measure = measure
         info = target.fingerprint(device)
-        self.fingerprint: str = info["id"]
+        # Rows of another layer file or way of timing it are other measurements.
+        self.fingerprint: str = f"{info['id']}/layers-{LAYER_FILES}/{target.layer_timing(device)}"
         self._memo: dict[LayerSig, float] = {}
         self._hits = 0
         self._misses = 0
@@ -451,7 +550,9 @@ class LatencyTable:
                 for i, sig in enumerate(sigs):
                     paths.append(Path(tmp) / f"layer{i}.onnx")
                     paths[-1].write_bytes(layer_onnx(sig))
-                yield from target.measure_many(self.device, paths, self.warmup, self.iters)
+                yield from target.measure_layers(
+                    self.device, paths, self.warmup, self.iters, HARNESS
+                )
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -20,7 +20,7 @@ from tests.deeplsp.test_pruner import TinyNet
 from tests.profiling.test_agent import TOKEN, AgentServer
 
 
-def _clock(paths, threads, warmup, iters, repeats=1):
+def _clock(paths, threads, warmup, iters, repeats=1, kernels_except=None):
     for path in paths:
         ms = 0.02 + 2e-6 * count_onnx(path).macs
         yield LatencyStats.from_samples([ms] * iters, warmup)

@@ -281,6 +281,32 @@ def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjud
         assert max(old_errors) > 0.40
 
 
+def test_latency_model_times_each_layer_with_the_activation_it_feeds(tmp_path):
+    """MobileNetV3-L: hard-swish after the stem, the late expansions and depthwise convs and
+    the classifier's hidden layer; ReLU then hard-sigmoid in the squeeze-excitation blocks;
+    nothing after the projections, whose output is the block's."""
+    from deeplsp.models import build_model
+
+    shape = (1, 1, 32, 32)
+    model = build_model("mobilenet_v3_large", num_classes=10, in_channels=1, input_size=32)
+    groups = find_groups(model.eval(), shape)
+    table = LatencyTable(get_device("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(1.0))
+    with table:
+        sigs = prune_mod.LatencyModel(model, shape, groups, table).sigs
+    acts = {name: sig.act for name, sig in sigs.items()}
+    assert acts["features.0.0"] == "hardswish"
+    assert acts["features.2.block.0.0"] == acts["features.2.block.1.0"] == "relu"
+    assert acts["features.2.block.2.0"] == ""
+    assert acts["features.12.block.0.0"] == acts["features.12.block.1.0"] == "hardswish"
+    assert (acts["features.12.block.2.fc1"], acts["features.12.block.2.fc2"]) == (
+        "relu",
+        "hardsigmoid",
+    )
+    assert (acts["classifier.0"], acts["classifier.3"]) == ("hardswish", "")
+    pruned = sigs["features.12.block.0.0"].with_channels(56, 336)
+    assert pruned.act == "hardswish" and pruned.key().endswith("/hardswish")
+
+
 def test_tilted_networks_put_the_weight_heavy_groups_at_opposite_ends(tmp_path):
     from deeplsp.structure import find_groups
     from devices import DEVICES

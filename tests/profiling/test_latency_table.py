@@ -15,9 +15,12 @@ from torch import nn
 from deeplsp.errors import DeepLSPError
 from devices import get_device
 from profiling.latency_table import (
+    ACTIVATIONS,
+    HARNESS,
     Calibration,
     LatencyTable,
     LayerSig,
+    activation_after,
     fit_weight_cost,
     layer_onnx,
 )
@@ -164,7 +167,6 @@ def test_linear_rejects_spatial_fields():
 def test_layer_onnx_conv_matches_torch(sig):
     x = np.random.default_rng(1).standard_normal((sig.batch, sig.in_channels, *sig.in_hw))
     out, w = _run(sig, x.astype(np.float32))
-    assert out.shape == (sig.batch, sig.out_channels, *sig.out_hw)
     ref = F.conv2d(
         torch.from_numpy(x.astype(np.float32)),
         torch.from_numpy(w["weight"]),
@@ -173,8 +175,60 @@ def test_layer_onnx_conv_matches_torch(sig):
         padding=sig.padding,
         groups=sig.groups,
     )
-    assert tuple(ref.shape) == out.shape
+    assert tuple(ref.shape) == (sig.batch, sig.out_channels, *sig.out_hw)
+    # the file ends in its sink, a global average pool
+    assert out.shape == (sig.batch, sig.out_channels, 1, 1)
+    np.testing.assert_allclose(out, ref.mean((2, 3), keepdim=True).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("module", list(ACTIVATIONS))
+def test_layer_onnx_applies_the_activation_as_torch_does(module):
+    act = ACTIVATIONS[module]
+    conv = LayerSig("conv", 4, 6, (3, 3), (1, 1), (1, 1), 1, (5, 5), 1, act=act)
+    x = np.random.default_rng(3).standard_normal((1, 4, 5, 5)).astype(np.float32) * 4
+    out, w = _run(conv, x)
+    weight, bias = torch.from_numpy(w["weight"]), torch.from_numpy(w["bias"])
+    ref = module()(F.conv2d(torch.from_numpy(x), weight, bias, padding=1))
+    ref = ref.mean((2, 3), keepdim=True)
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+    linear = LayerSig("linear", 8, 3, batch=2, act=act)
+    x = np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32) * 4
+    out, w = _run(linear, x)
+    weight, bias = torch.from_numpy(w["weight"]), torch.from_numpy(w["bias"])
+    ref = module()(F.linear(torch.from_numpy(x), weight, bias))
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+    assert conv.key().endswith(f"/{act}") and linear.key().endswith(f"/{act}")
+
+
+def test_an_unknown_activation_is_rejected():
+    with pytest.raises(DeepLSPError, match="activation must be one of relu"):
+        dataclasses.replace(CONV, act="gelu")
+
+
+def test_activation_after_skips_batch_norm_and_dropout():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Hardswish(),
+        nn.Conv2d(4, 4, 1),
+        nn.Conv2d(4, 4, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.Dropout(),
+        nn.Sigmoid(),
+        nn.Linear(5, 2),
+    )
+    calls = []
+    for name, m in model.named_modules():
+        if name:
+            m.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m)))
+    model.eval()(torch.zeros(1, 1, 8, 8))
+    acts = {n: activation_after(calls, n) for n in ("0", "3", "4", "7", "10")}
+    # "3" is followed by another convolution: nothing fuses into it
+    assert acts == {"0": "hardswish", "3": "", "4": "relu", "7": "sigmoid", "10": ""}
+    with pytest.raises(DeepLSPError, match="'9.9' was not called"):
+        activation_after(calls, "9.9")
 
 
 def test_layer_onnx_linear_matches_torch():
@@ -189,7 +243,8 @@ def test_layer_onnx_linear_matches_torch():
 def test_layer_onnx_is_seeded_and_declares_opset_18():
     model = onnx.load_from_string(layer_onnx(CONV))
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
-    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    assert [n.op_type for n in model.graph.node] == ["Conv", "GlobalAveragePool"]
+    assert "GlobalAveragePool" in HARNESS
     assert layer_onnx(CONV) == layer_onnx(CONV)
     assert layer_onnx(CONV, seed=1) != layer_onnx(CONV)
 
@@ -207,6 +262,16 @@ def test_get_measures_once_then_hits(tmp_path, cpu):
         stats = table.stats
     assert (stats["hits"], stats["misses"], stats["rows"]) == (1, 1, 1)
     assert stats["path"] == str(tmp_path / "c" / "lat.sqlite")
+
+
+def test_rows_are_keyed_by_the_layer_files_and_how_they_are_timed(tmp_path, cpu):
+    from profiling import target
+
+    with LatencyTable(cpu, tmp_path / "t.sqlite", measure=FakeMeasure()) as table:
+        assert table.fingerprint == f"{target.fingerprint(cpu)['id']}/layers-2/kernels"
+    assert target.layer_timing(cpu) == "kernels"
+    assert target.layer_timing(dataclasses.replace(cpu, url="http://127.0.0.1:1")) == "file"
+    assert target.layer_timing(get_device("jetson-orin")) == "file"
 
 
 def test_rows_are_reused_across_tables_only_for_the_same_fingerprint(tmp_path, cpu):

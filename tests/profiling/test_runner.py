@@ -98,3 +98,61 @@ def test_measure_isolated_runs_in_a_child_process(tmp_path):
     bad.write_bytes(b"not onnx")
     with pytest.raises(DeepLSPError, match="cannot load"):
         measure_isolated(bad, threads=1, warmup=0, iters=1)
+
+
+def _events(runs: list[list[tuple[str, int]]]) -> list[dict]:
+    """An ONNX Runtime profile's events: per run, its nodes' (op, duration in us)."""
+    events, ts = [], 0
+    for nodes in runs:
+        start = ts
+        for op, dur in nodes:
+            events.append(
+                {
+                    "cat": "Node",
+                    "name": f"{op}_kernel_time",
+                    "ts": ts,
+                    "dur": dur,
+                    "args": {"op_name": op},
+                }  # fmt: skip
+            )
+            ts += dur + 1
+        events.append({"cat": "Session", "name": "model_run", "ts": start, "dur": ts - start})
+        ts += 5
+    return events
+
+
+def test_kernel_samples_sum_each_runs_nodes_except_the_skipped_ops():
+    from profiling.onnxruntime_runner import kernel_samples
+
+    warm = [("ReorderInput", 9), ("Conv", 90), ("ReorderOutput", 9)]
+    runs = [warm, [("ReorderInput", 3), ("Conv", 20), ("Mul", 4), ("ReorderOutput", 3)],
+            [("ReorderInput", 2), ("Conv", 22), ("Mul", 5), ("ReorderOutput", 4)]]  # fmt: skip
+    events = _events(runs)
+    assert kernel_samples(events, 2, ("ReorderInput", "ReorderOutput")) == [0.024, 0.027]
+    assert kernel_samples(events, 1, ()) == [0.033]
+    with pytest.raises(DeepLSPError, match="holds 3 runs, fewer than the 4 timed"):
+        kernel_samples(events, 4, ())
+
+
+def test_kernel_mode_times_the_layer_without_its_harness(tmp_path):
+    """With kernels_except a window's samples are the profiler's kernel times, and every
+    window gets its own profile (ending one ends profiling for its session)."""
+    path = _conv_model(tmp_path / "m.onnx")
+    with OnnxRuntimeRunner(path, threads=1, kernels_except=("ReorderInput",)) as r:
+        first = r.measure(warmup=2, iters=20)
+        second = r.measure(warmup=2, iters=20)  # profiling restarts for every window
+        assert r.infer(r.random_inputs())["logits"].shape == (1, 4, 8, 8)
+        profiles = Path(r._profile_dir.name)
+        assert len(list(profiles.iterdir())) <= 1  # each window's read and removed
+    assert not profiles.exists()
+    assert first.n == second.n == 20 and first.median > 0 and second.median > 0
+    assert first.settings["timed"] == "kernel time, without ReorderInput"
+
+
+def test_measure_isolated_times_kernels_in_the_child(tmp_path):
+    from profiling.isolated import measure_isolated
+
+    stats = measure_isolated(
+        _conv_model(tmp_path / "m.onnx"), threads=1, warmup=1, iters=5, kernels_except=["X"]
+    )
+    assert stats.n == 5 and stats.settings["timed"] == "kernel time, without X"
