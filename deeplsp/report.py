@@ -147,7 +147,14 @@ def markdown(report: dict) -> str:
         "## Latency model",
         "",
         f"Per-layer table: {lt['rows']} rows for this device ({lt['new_rows']} measured in "
-        f"this run; {lt['hits']} hits), {lt['path']}. Each layer also costs "
+        f"this run; {lt['hits']} hits), {lt['path']}. Each layer is timed with the "
+        "activation it feeds, "
+        + (
+            "by ONNX Runtime's kernel time without the layout conversions a layer alone has"
+            if lt.get("timing") == "kernels"
+            else "as a whole one-layer file"
+        )
+        + ". Each layer also costs "
         f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights, read "
         "from memory inside the network but from cache when the layer is timed alone "
         "(fitted on two measured networks with their weights at opposite ends). "

@@ -3,9 +3,11 @@
 DeepLSP predicts a candidate network's latency as the sum of its layers'
 latencies. Latency is a staircase in channel count (SIMD widths, tiles), so
 each layer shape is *measured* on the device with the device's runtime, once,
-and kept in a cache keyed by the device fingerprint. `Calibration` then maps
-the table sum onto a few end-to-end measurements (one session run per model
-instead of one per layer, fused activations, memory traffic between layers).
+and kept in a cache keyed by the device fingerprint. A layer is timed as it runs
+inside a network: with the activation fused into it and, with ONNX Runtime, by its
+kernel time alone (`HARNESS`). `Calibration` then maps the table sum onto a few
+end-to-end measurements (the nodes no layer owns: squeeze-excitation means and
+products, layout conversions around them; memory traffic between layers).
 """
 
 from __future__ import annotations
@@ -488,6 +490,7 @@ class LatencyTable:
             "rows": rows,
             "fingerprint": self.fingerprint,
             "path": str(self.path),
+            "timing": target.layer_timing(self.device),
         }
 
     # -- lifecycle -----------------------------------------------------------
@@ -577,8 +580,8 @@ class LatencyTable:
 class Calibration:
     """Table sum -> measured end-to-end latency, from a few whole models measured.
 
-    The table sum misses what only a whole network shows (one session run
-    instead of one per layer, fused activations, cache reuse between layers).
+    The table sum misses what only a whole network shows (the nodes no layer owns,
+    cache reuse between layers).
     Predictions follow a monotone curve through the measured models, straight
     between neighbours in log-log (a power law per segment): on 50 random
     ResNet-18 variants it put 50% within +-10% of their measured latency with a

@@ -213,7 +213,9 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
         for s in lines
     )
     assert probe["calibration"]["weight_cost"] == pytest.approx(2e-5, rel=0.3)
-    assert "table ms per million weights" in (tmp_path / "run" / "report.md").read_text()
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "table ms per million weights" in md
+    assert "timed with the activation it feeds, by ONNX Runtime's kernel time" in md
 
 
 def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjudge(
