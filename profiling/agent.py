@@ -382,10 +382,17 @@ def create_app(
         warmup: Annotated[int, Query(ge=0, le=MAX_WARMUP)] = 10,
         iters: Annotated[int, Query(ge=1, le=MAX_ITERS)] = 50,
         repeats: Annotated[int, Query(ge=1, le=MAX_REPEATS)] = 3,
+        kernels_except: Annotated[str | None, Query(max_length=1000)] = None,
     ) -> dict:
+        """With `kernels_except` (op types, comma-separated), the ONNX file is one layer of
+        the latency table, timed as `target.measure_layers` times it here."""
+
         def work(path: Path):
             if kind == "engine":
                 return target.measure_engine(device, path, warmup, iters, repeats)
+            if kernels_except is not None:
+                harness = kernels_except.split(",")
+                return next(target.measure_layers(device, [path], warmup, iters, harness))
             return target.measure(device, path, warmup, iters, repeats)
 
         stats = await jobs.run(request, upload(f"model.{kind}"), work)

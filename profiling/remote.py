@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # The agent protocol, shared with profiling.agent (defined here so that the client does
 # not import the server's framework).
-API_VERSION = 1
+API_VERSION = 2  # 2: /v1/profile takes kernels_except
 ENGINE_METADATA_HEADER = "X-DeepLSP-Engine-Metadata"
 # /v1/infer: npz keys of the model's bytes and of each input (prefixed, so an input may
 # be called "model"), and of each output in the answer.
@@ -219,9 +219,16 @@ class AgentClient:
         return info
 
     def profile(
-        self, path: str | Path, warmup: int, iters: int, repeats: int = 3, kind: str = "onnx"
+        self,
+        path: str | Path,
+        warmup: int,
+        iters: int,
+        repeats: int = 3,
+        kind: str = "onnx",
+        kernels_except: Sequence[str] | None = None,
     ) -> LatencyStats:
-        """Latency of a model file measured on the agent's device (warm-up and repeats there)."""
+        """Latency of a model file measured on the agent's device (warm-up and repeats there);
+        with `kernels_except`, a one-layer file's kernel time (`target.measure_layers`)."""
         if kind not in KINDS:
             raise DeepLSPError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
         if warmup < 0 or iters < 1 or repeats < 1:
@@ -229,6 +236,8 @@ class AgentClient:
                 f"warmup must be >= 0, iters and repeats >= 1 (got {warmup}, {iters}, {repeats})"
             )
         params = {"kind": kind, "warmup": warmup, "iters": iters, "repeats": repeats}
+        if kernels_except is not None:
+            params["kernels_except"] = ",".join(kernels_except)
         data = self._request(
             "POST", "/v1/profile", params=params, body=self._model_file(path)
         ).json()

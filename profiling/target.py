@@ -123,24 +123,28 @@ def measure_many(
 
 def layer_timing(device: DeviceSpec) -> str:
     """How `measure_layers` times a layer's file on `device`: "kernels" (ONNX Runtime's
-    profiler, this machine) or "file" (the whole file: TensorRT, or through an agent)."""
-    return "kernels" if device.url is None and device.backend == "onnxruntime" else "file"
+    profiler, here or on the agent) or "file" (the whole file: TensorRT)."""
+    return "kernels" if device.backend == "onnxruntime" else "file"
 
 
 def measure_layers(
     device: DeviceSpec, paths: Sequence[str | Path], warmup: int, iters: int, harness: Sequence[str]
 ) -> Iterator[LatencyStats]:
-    """Each one-layer file's latency, in order: with ONNX Runtime here, the kernel time of
-    its nodes except the op types in `harness` (the layer's layout conversions and sink,
-    which it has only because it runs alone); elsewhere the whole file (`layer_timing`)."""
-    if layer_timing(device) == "kernels":
+    """Each one-layer file's latency, in order: with ONNX Runtime, the kernel time of its
+    nodes except the op types in `harness` (the layer's layout conversions and sink, which
+    it has only because it runs alone); with TensorRT the whole file (`layer_timing`)."""
+    if layer_timing(device) == "file":
+        yield from measure_many(device, paths, warmup, iters)
+    elif device.url is not None:
+        _agent_info(device)
+        for path in paths:
+            yield client(device).profile(Path(path), warmup, iters, 1, kernels_except=harness)
+    else:
         from profiling.isolated import measure_isolated_many
 
         yield from measure_isolated_many(
             paths, device.resolved_threads(), warmup, iters, kernels_except=harness
         )
-    else:
-        yield from measure_many(device, paths, warmup, iters)
 
 
 def measure(

@@ -162,7 +162,7 @@ def raw_upload_headers(port: int, content_length: int) -> bytes:
 def test_info_describes_the_device_and_its_fingerprint(agent):
     info = agent.info()
     cpu = get_device("cpu")
-    assert info["api"] == 1 and info["agent"] == "deeplsp"
+    assert info["api"] == 2 and info["agent"] == "deeplsp"
     assert info["device"] == cpu.to_dict()
     assert info["fingerprint"]["id"] == target.fingerprint(cpu)["id"]
     assert info["queue"] == {"running": 0, "waiting": 0, "max": 8}

@@ -270,7 +270,7 @@ def test_rows_are_keyed_by_the_layer_files_and_how_they_are_timed(tmp_path, cpu)
     with LatencyTable(cpu, tmp_path / "t.sqlite", measure=FakeMeasure()) as table:
         assert table.fingerprint == f"{target.fingerprint(cpu)['id']}/layers-2/kernels"
     assert target.layer_timing(cpu) == "kernels"
-    assert target.layer_timing(dataclasses.replace(cpu, url="http://127.0.0.1:1")) == "file"
+    assert target.layer_timing(dataclasses.replace(cpu, url="http://127.0.0.1:1")) == "kernels"
     assert target.layer_timing(get_device("jetson-orin")) == "file"
 
 

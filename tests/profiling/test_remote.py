@@ -115,6 +115,19 @@ def test_remote_profile_agrees_with_local_measurement(client, model):
     assert remote_stats.settings["agent_url"] == client.url
 
 
+def test_remote_layer_timing_is_the_kernel_time_as_here(client, tmp_path):
+    """A table layer through the agent is timed as on this machine: kernel time without
+    the harness (the same code in the agent's process)."""
+    from profiling.latency_table import HARNESS, LayerSig, layer_onnx
+
+    path = tmp_path / "layer.onnx"
+    path.write_bytes(layer_onnx(LayerSig("conv", 8, 16, 3, 1, 1, 1, 8, act="hardswish")))
+    stats = client.profile(path, warmup=2, iters=20, repeats=1, kernels_except=HARNESS)
+    assert stats.n == 20
+    assert stats.settings["timed"] == f"kernel time, without {', '.join(HARNESS)}"
+    assert "timed" not in client.profile(path, warmup=2, iters=5, repeats=1).settings
+
+
 def test_info_matches_the_local_device(client):
     info = client.info()
     cpu = get_device("cpu")
