@@ -8,8 +8,8 @@ exported and timed on the `cpu` device as the pipeline times them (paired with t
 model), and profiled once with ONNX Runtime's profiler (per-node kernel times, in a child
 process). Every layer signature of those networks is then timed alone three ways:
 
-- `file`: the whole one-layer file, wall time (how the table timed layers to session 14),
-  without the activation;
+- `file`: the whole one-layer file by wall time, without the activation (the table to
+  session 14, whose files did not end in the sink);
 - `kernel`: the profiler's kernel time without the layout conversions and sink, without
   the activation;
 - `kernel+act`: the same with the layer's activation in the file (the table since
