@@ -997,6 +997,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             timing, reference=dense_onnx, reference_ms=dense_ms, rounds=cfg.timing_rounds
         )
 
+    # A layer's kernel times are short and quantised to microseconds: twice the runs of a
+    # whole network (100 by default; see LatencyTable's iters).
     with LatencyTable(
         device, cache_dir / "latency.sqlite", warmup=cfg.warmup, iters=2 * cfg.iters
     ) as table:
