@@ -101,17 +101,29 @@ def engine_config(device: DeviceSpec, **overrides):
 
 
 def measure_many(
-    device: DeviceSpec, paths: Sequence[str | Path], warmup: int, iters: int, repeats: int = 1
+    device: DeviceSpec,
+    paths: Sequence[str | Path],
+    warmup: int,
+    iters: int,
+    repeats: int = 1,
+    kernels_except: Sequence[str] | None = None,
 ) -> Iterator[LatencyStats]:
-    """Each ONNX file's latency on the device, in order, as soon as it is measured."""
+    """Each ONNX file's latency on the device, in order, as soon as it is measured; with
+    `kernels_except` (ONNX Runtime only), the kernel time of the nodes of other op types."""
+    if kernels_except is not None and device.backend != "onnxruntime":
+        raise DeepLSPError(f"device {device.name!r} runs {device.backend}: no kernel times")
     if device.url is not None:
         _agent_info(device)
         for path in paths:
-            yield client(device).profile(Path(path), warmup, iters, repeats)
+            yield client(device).profile(
+                Path(path), warmup, iters, repeats, kernels_except=kernels_except
+            )
     elif device.backend == "onnxruntime":
         from profiling.isolated import measure_isolated_many
 
-        yield from measure_isolated_many(paths, device.resolved_threads(), warmup, iters, repeats)
+        yield from measure_isolated_many(
+            paths, device.resolved_threads(), warmup, iters, repeats, kernels_except
+        )
     elif device.backend == "tensorrt":
         from profiling.tensorrt_runner import measure_onnx_tensorrt
 
@@ -133,18 +145,8 @@ def measure_layers(
     """Each one-layer file's latency, in order: with ONNX Runtime, the kernel time of its
     nodes except the op types in `harness` (the layer's layout conversions and sink, which
     it has only because it runs alone); with TensorRT the whole file (`layer_timing`)."""
-    if layer_timing(device) == "file":
-        yield from measure_many(device, paths, warmup, iters)
-    elif device.url is not None:
-        _agent_info(device)
-        for path in paths:
-            yield client(device).profile(Path(path), warmup, iters, 1, kernels_except=harness)
-    else:
-        from profiling.isolated import measure_isolated_many
-
-        yield from measure_isolated_many(
-            paths, device.resolved_threads(), warmup, iters, kernels_except=harness
-        )
+    kernels_except = harness if layer_timing(device) == "kernels" else None
+    yield from measure_many(device, paths, warmup, iters, kernels_except=kernels_except)
 
 
 def measure(

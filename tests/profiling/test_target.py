@@ -61,3 +61,10 @@ def test_scaled_stats_keep_their_shape():
         (stats.median / 2, stats.p90 / 2, stats.min / 2, stats.mean / 2)
     )
     assert (half.n, half.warmup) == (stats.n, stats.warmup)
+
+
+def test_only_onnx_runtime_has_kernel_times():
+    gpu = DEVICES.get("gpu")
+    with pytest.raises(DeepLSPError, match="runs tensorrt: no kernel times"):
+        next(target.measure_many(gpu, ["layer.onnx"], 1, 1, kernels_except=("ReorderInput",)))
+    assert target.layer_timing(gpu) == "file"
