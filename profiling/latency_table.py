@@ -44,7 +44,7 @@ HARNESS = ("ReorderInput", "ReorderOutput", SINK)
 LAYER_FILES = 2  # the version of layer_onnx's files: 2 added the activation and the sink
 # The activation a layer's output goes through, as ONNX Runtime fuses it into the layer's
 # kernel: timed with it, since in MobileNetV3-L a convolution followed by hard-swish took
-# 1.3-1.5x the time of the bare convolution inside the network (bench/README.md,
+# 1.2-1.9x the time of the bare convolution inside the network (bench/README.md,
 # layer_context). torch module -> name in the cache key.
 ACTIVATIONS = {
     nn.ReLU: "relu",
@@ -297,7 +297,8 @@ def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
         op, fan_in = "Gemm", sig.in_channels
     weight = (rng.standard_normal(w_shape) / math.sqrt(fan_in)).astype(np.float32)
     nodes = [helper.make_node(op, ["input", "weight", "bias"], ["layer"], **attrs)]
-    nodes += _activation_nodes(sig.act, "layer", "activated")
+    act_nodes, act_constants = _activation(sig.act, "layer", "activated")
+    nodes += act_nodes
     if sig.kind == "conv":
         # ONNX Runtime fuses an activation into the convolution only when the activation's
         # output stays in its blocked layout, as it does in a network; at the graph output it
@@ -314,7 +315,7 @@ def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
         initializer=[
             numpy_helper.from_array(weight, "weight"),
             numpy_helper.from_array(bias, "bias"),
-            *_activation_constants(sig.act),
+            *act_constants,
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -332,28 +333,23 @@ _ACTIVATION_OPS = {
 }
 
 
-def _activation_nodes(act: str, x: str, y: str) -> list[onnx.NodeProto]:
-    """The ONNX nodes torch exports for `act`, from `x` to `y`."""
+def _activation(act: str, x: str, y: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The ONNX nodes torch exports for `act`, from `x` to `y`, and their constants."""
     if not act:
-        return []
+        return [], []
     if act == "relu6":
-        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y])]
+        bounds = [
+            numpy_helper.from_array(np.array(0.0, np.float32), "clip_min"),
+            numpy_helper.from_array(np.array(6.0, np.float32), "clip_max"),
+        ]
+        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y])], bounds
     if act == "silu":  # x * sigmoid(x)
         return [
             helper.make_node("Sigmoid", [x], ["gate"]),
             helper.make_node("Mul", [x, "gate"], [y]),
-        ]
+        ], []
     op, attrs = _ACTIVATION_OPS[act]
-    return [helper.make_node(op, [x], [y], **attrs)]
-
-
-def _activation_constants(act: str) -> list[onnx.TensorProto]:
-    if act != "relu6":
-        return []
-    return [
-        numpy_helper.from_array(np.array(0.0, np.float32), "clip_min"),
-        numpy_helper.from_array(np.array(6.0, np.float32), "clip_max"),
-    ]
+    return [helper.make_node(op, [x], [y], **attrs)], []
 
 
 def default_cache_path() -> Path:
@@ -385,8 +381,9 @@ class LatencyTable:
         cache_path: str | Path | None = None,
         *,
         warmup: int = 10,
-        iters: int = 100,  # one layer's kernel: 30 runs put 80% of MobileNetV3-L variants within 5%
-        # of measured, 100 runs 92% (bench/README.md, layer_context)
+        # One layer's kernel time: 30 runs put 80% of MobileNetV3-L variants within 5% of
+        # measured, 100 runs 92% (bench/README.md, layer_context).
+        iters: int = 100,
         measure: Callable[[LayerSig], LatencyStats] | None = None,
     ) -> None:
         if warmup < 0 or iters < 1:
@@ -397,8 +394,9 @@ class LatencyTable:
         self.path = Path(cache_path) if cache_path is not None else default_cache_path()
         self._measure = measure
         info = target.fingerprint(device)
+        self.timing = target.layer_timing(device)
         # Rows of another layer file or way of timing it are other measurements.
-        self.fingerprint: str = f"{info['id']}/layers-{LAYER_FILES}/{target.layer_timing(device)}"
+        self.fingerprint: str = f"{info['id']}/layers-{LAYER_FILES}/{self.timing}"
         self._memo: dict[LayerSig, float] = {}
         self._hits = 0
         self._misses = 0
@@ -490,7 +488,7 @@ class LatencyTable:
             "rows": rows,
             "fingerprint": self.fingerprint,
             "path": str(self.path),
-            "timing": target.layer_timing(self.device),
+            "timing": self.timing,
         }
 
     # -- lifecycle -----------------------------------------------------------
