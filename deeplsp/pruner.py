@@ -76,7 +76,7 @@ BLENDS = (1.0, 0.75, 0.5, 0.25, 0.0)
 # MobileNetV3-L's latency blend 0's answers fine-tuned 12-15 points under the best
 # blend's yet read among the lowest losses after the short fine-tuning (bench/README.md,
 # knapsack_family, session 14); blends 1, 0.75 and 0.5 held each budget's best answer
-# (or one within 0.1 points of it)).
+# (or one within 0.1 points of it).
 SHORT_FINETUNE_BLENDS = (1.0, 0.75, 0.5)
 
 
@@ -276,16 +276,18 @@ class LatencyModel:
         self.weight_cost = weight_cost
         self.channels = {g.id: g.channels for g in groups}
         self.links: list[LayerLink] = layer_links(model, groups)
+        # every leaf module (the layers among them), in the order it ran, and its input shape
+        calls: list[tuple[str, nn.Module]] = []
         inputs: dict[str, tuple[int, ...]] = {}
-        calls: list[tuple[str, nn.Module]] = []  # every leaf module, in the order it ran
+
+        def record(name: str, m: nn.Module, i: tuple) -> None:
+            calls.append((name, m))
+            if i and isinstance(i[0], torch.Tensor):
+                inputs[name] = tuple(i[0].shape)
+
         modules = dict(model.named_modules())
         handles = [
-            modules[lk.name].register_forward_hook(
-                lambda m, i, o, name=lk.name: inputs.__setitem__(name, tuple(i[0].shape))
-            )
-            for lk in self.links
-        ] + [
-            m.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m)))
+            m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i))
             for name, m in modules.items()
             if not any(m.children())
         ]
@@ -298,9 +300,11 @@ class LatencyModel:
         finally:
             for h in handles:
                 h.remove()
+        links = {lk.name for lk in self.links}
         self.sigs: dict[str, LayerSig] = {
             name: LayerSig.from_module(modules[name], shape_in, activation_after(calls, name))
             for name, shape_in in inputs.items()
+            if name in links
         }
 
     def _scaled(self, dim: int, group: str | None, keeps: dict[str, int]) -> int:
