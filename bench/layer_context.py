@@ -46,12 +46,13 @@ from deeplsp.pruner import RATIOS, LatencyModel, candidate_keeps, measure_model
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
 from profiling.isolated import measure_isolated_many
-from profiling.latency_table import HARNESS, LatencyTable, layer_onnx
+from profiling.latency_table import LatencyTable, layer_onnx
 
 RESULTS = HERE / "results"
 PROFILE = """
 import json, sys
 import numpy as np, onnxruntime as ort
+from profiling.onnxruntime_runner import profiled_runs
 o = ort.SessionOptions()
 o.intra_op_num_threads = int(sys.argv[2]); o.inter_op_num_threads = 1
 o.enable_profiling = True; o.profile_file_prefix = sys.argv[3]
@@ -60,13 +61,10 @@ x = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(np.float32
      for i in s.get_inputs()}
 for _ in range(50):
     s.run(None, x)
-events = json.load(open(s.end_profiling()))
-runs = [e for e in events if e.get("name") == "model_run"][20:]
 per = {}
-for e in events:
-    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-        if any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in runs):
-            per.setdefault((e["name"], e["args"]["op_name"]), []).append(e["dur"] / 1e3)
+for run in profiled_runs(json.load(open(s.end_profiling())), 30):
+    for e in run:
+        per.setdefault((e["name"], e["args"]["op_name"]), []).append(e["dur"] / 1e3)
 print(json.dumps([[n, op, float(np.median(d))] for (n, op), d in per.items()]))
 """
 
@@ -101,16 +99,19 @@ def loo(features: list[list[float]], measured: list[float]) -> dict:
     }
 
 
-def alone(sigs, threads: int, tmp: str, kernels: bool) -> dict[str, float]:
-    """Each signature's median ms timed alone (one child for them all)."""
+def whole_files(sigs, threads: int, tmp: str) -> dict[str, float]:
+    """Each signature's file timed whole by wall time (one child for them all), as the
+    table timed layers to session 14; the table itself now times kernels."""
     paths = []
     for i, sig in enumerate(sigs):
         paths.append(Path(tmp) / f"layer{i}.onnx")
         paths[-1].write_bytes(layer_onnx(sig))
-    runs = measure_isolated_many(
-        paths, threads, 20, 100, kernels_except=HARNESS if kernels else None
-    )
+    runs = measure_isolated_many(paths, threads, 20, 100)
     return {sig.key(): stats.median for sig, stats in zip(sigs, runs, strict=True)}
+
+
+def by_key(got: dict) -> dict[str, float]:
+    return {sig.key(): ms for sig, ms in got.items()}
 
 
 def run_model(name: str, args, device) -> dict:
@@ -121,7 +122,10 @@ def run_model(name: str, args, device) -> dict:
     nets = [{g.id: g.channels for g in groups}]
     nets += [{g: rng.choice(c) for g, c in candidates.items()} for _ in range(args.n)]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, LatencyTable(device, Path(tmp) / "t.sqlite") as t:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LatencyTable(device, Path(tmp) / "t.sqlite", warmup=20) as t,
+    ):
         lat = LatencyModel(model, SHAPE, groups, t)
         timing, _ = paired_timing(device, model, Path(tmp) / "dense.onnx", args.iters)
         for i, keeps in enumerate(nets):
@@ -135,9 +139,9 @@ def run_model(name: str, args, device) -> dict:
         every = list({s.key(): s for r in rows for s in r["sigs"]}.values())
         bare = list({s.key(): replace(s, act="") for s in every}.values())
         tables = {
-            "file": alone(bare, device.resolved_threads(), tmp, kernels=False),
-            "kernel": alone(bare, device.resolved_threads(), tmp, kernels=True),
-            "kernel+act": alone(every, device.resolved_threads(), tmp, kernels=True),
+            "file": whole_files(bare, device.resolved_threads(), tmp),
+            "kernel": by_key(t.get_many(bare)),
+            "kernel+act": by_key(t.get_many(every)),
         }
     measured = [r["measured_ms"] for r in rows]
     weights = [sum(s.weights for s in r["sigs"]) / 1e6 for r in rows]

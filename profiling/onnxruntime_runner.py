@@ -21,25 +21,29 @@ _ORT_TYPES = {
 }
 
 
-def kernel_samples(events: list[dict], iters: int, skip_ops: Iterable[str]) -> list[float]:
-    """Per run, in ms, the summed kernel times of the nodes whose op is not in `skip_ops`,
-    for the last `iters` runs in an ONNX Runtime profile (its JSON events)."""
-    skip = set(skip_ops)
+def profiled_runs(events: list[dict], iters: int) -> list[list[dict]]:
+    """The node kernel-time events of each of the last `iters` runs in an ONNX Runtime
+    profile (its JSON events)."""
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     if len(runs) < iters:
         raise DeepLSPError(f"the profile holds {len(runs)} runs, fewer than the {iters} timed")
     nodes = [
-        e
-        for e in events
-        if e.get("cat") == "Node"
-        and e.get("name", "").endswith("_kernel_time")
-        and e.get("args", {}).get("op_name") not in skip
+        e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
     ]
-    samples = []
-    for run in runs[-iters:]:
-        start, end = run["ts"], run["ts"] + run["dur"]
-        samples.append(sum(n["dur"] for n in nodes if start <= n["ts"] <= end) / 1e3)
-    return samples
+    return [
+        [n for n in nodes if run["ts"] <= n["ts"] <= run["ts"] + run["dur"]]
+        for run in runs[-iters:]
+    ]
+
+
+def kernel_samples(events: list[dict], iters: int, skip_ops: Iterable[str]) -> list[float]:
+    """Per run, in ms, the summed kernel times of the nodes whose op is not in `skip_ops`,
+    for the last `iters` runs in an ONNX Runtime profile."""
+    skip = set(skip_ops)
+    return [
+        sum(n["dur"] for n in run if n.get("args", {}).get("op_name") not in skip) / 1e3
+        for run in profiled_runs(events, iters)
+    ]
 
 
 class OnnxRuntimeRunner(Runner):
