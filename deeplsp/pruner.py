@@ -57,6 +57,7 @@ from profiling.latency_table import (
     default_cache_path,
     fit_weight_cost,
 )
+from profiling.weight_spill import free_weights
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
@@ -261,8 +262,10 @@ class _Stages:
 # -- latency model -------------------------------------------------------------
 class LatencyModel:
     """A pruned network's latency as the sum of its layers' latencies in the device's table
-    plus `weight_cost` per weight element (in table units; `Calibration` maps the sum to
-    measured milliseconds). `calibrate` measures the weight cost; until then it is 0."""
+    plus `weight_cost` per weight element past the first `free_weights` of the network
+    (all of them when None), in table units; `Calibration` maps the sum to measured
+    milliseconds. `free_weights` is the device's (`profiling.weight_spill`), `calibrate`
+    fits the weight cost; until then it is 0."""
 
     def __init__(
         self,
@@ -271,9 +274,11 @@ class LatencyModel:
         groups: list[ChannelGroup],
         table: LatencyTable,
         weight_cost: float = 0.0,
+        free_weights: int | None = None,
     ) -> None:
         self.table = table
         self.weight_cost = weight_cost
+        self.free_weights = free_weights
         self.channels = {g.id: g.channels for g in groups}
         self.links: list[LayerLink] = layer_links(model, groups)
         # every leaf module (the layers among them), in the order it ran, and its input shape
@@ -319,12 +324,13 @@ class LatencyModel:
             self._scaled(sig.out_channels, link.out_group, keeps),
         )
 
-    def _cost(self, sig: LayerSig, got: dict[LayerSig, float]) -> float:
-        return got[sig] + self.weight_cost * sig.weights
+    def charged(self, weights: int) -> int:
+        """The weights of a network that the weight cost applies to: those past the free."""
+        return weights if self.free_weights is None else max(0, weights - self.free_weights)
 
     def table_sum(self, keeps: dict[str, int]) -> float:
         table_ms, weights = self.parts(keeps)
-        return table_ms + self.weight_cost * weights
+        return table_ms + self.weight_cost * self.charged(weights)
 
     def parts(self, keeps: dict[str, int]) -> tuple[float, int]:
         """(the table's own sum, weight elements): what `table_sum` adds up."""
@@ -333,13 +339,16 @@ class LatencyModel:
         return sum(got[s] for s in sigs), sum(s.weights for s in sigs)
 
     def options(
-        self, keeps: dict[str, int], candidates: dict[str, list[int]]
+        self, keeps: dict[str, int], candidates: dict[str, list[int]], price: float | None = None
     ) -> tuple[dict[str, dict[int, float]], float]:
         """Per-group latency at each candidate, with every other group at `keeps`.
 
         A layer's latency is charged to the group that sets its output channels,
         with its input channels at their value in `keeps`; layers with fixed outputs
-        (the classifier) go into the base (see `allocate_coupled`)."""
+        (the classifier) go into the base (see `allocate_coupled`). Each layer's weights
+        cost `price` each (default `weight_cost`): a knapsack needs a cost per layer, which
+        the weights past the free ones are not (see `allocate_coupled`)."""
+        price = self.weight_cost if price is None else price
         wanted = []
         for lk in self.links:
             for k in candidates.get(lk.out_group, []) if lk.out_group else []:
@@ -350,10 +359,12 @@ class LatencyModel:
         base = 0.0
         for lk in self.links:
             if lk.out_group is None or lk.out_group not in candidates:
-                base += self._cost(self.sig_at(lk, keeps), got)
+                sig = self.sig_at(lk, keeps)
+                base += got[sig] + price * sig.weights
                 continue
             for k in candidates[lk.out_group]:
-                per[lk.out_group][k] += self._cost(self.sig_at(lk, {**keeps, lk.out_group: k}), got)
+                sig = self.sig_at(lk, {**keeps, lk.out_group: k})
+                per[lk.out_group][k] += got[sig] + price * sig.weights
         return per, base
 
 
@@ -381,9 +392,33 @@ def allocate_coupled(
     times, under a budget that fitted 36% more): the stretching then starts from the
     smallest budget the knapsack can meet. InfeasibleBudget only when even the
     smallest candidates, coupled, do not fit.
+
+    With free weights (`LatencyModel.free_weights`) the weight cost is not a cost per
+    layer: a weight costs nothing while the network's weights fit the cache and
+    `weight_cost` past it. The knapsack is then solved with each weight priced at
+    `weight_cost`, half of it and nothing (each a relaxation of that constraint; the
+    stretching holds each answer to the true sum), and the answer with the least loss
+    is kept.
     """
+    prices = [lat.weight_cost]
+    if lat.free_weights is not None and lat.weight_cost > 0:
+        prices += [lat.weight_cost / 2, 0.0]
+    answers = [_allocate_priced(lat, candidates, sens, table_budget, steps, p) for p in prices]
+    best = min(answers, key=lambda keeps: summed_loss(sens, keeps))
+    return best, summed_loss(sens, best)
+
+
+def _allocate_priced(
+    lat: LatencyModel,
+    candidates: dict[str, list[int]],
+    sens: dict[str, dict[int, float]],
+    table_budget: float,
+    steps: int,
+    price: float,
+) -> dict[str, int]:
+    """`allocate_coupled` with each layer's weights priced at `price`."""
     full = {g: max(c) for g, c in candidates.items()}
-    per, base = lat.options(full, candidates)
+    per, base = lat.options(full, candidates, price)
     opts = {
         g: [Option(k, sens[g].get(k, 0.0), per[g][k]) for k in candidates[g]] for g in candidates
     }
@@ -412,7 +447,7 @@ def allocate_coupled(
                 best = keeps
         else:
             hi = mid
-    return best, summed_loss(sens, best)
+    return best
 
 
 def removed_importance(scores: dict[str, torch.Tensor], keeps: dict[str, int]) -> float:
@@ -748,11 +783,12 @@ def calibrate(
             if name in retime:
                 meas = timed_thrice(meas, partial(timing.time, path))
             measured[name] = meas["latency"]["median"]
-    point = {n: (*lat.parts(k), measured[n]) for n, k in nets.items()}
+    parts = {n: lat.parts(k) for n, k in nets.items()}
+    point = {n: (t, lat.charged(w), measured[n]) for n, (t, w) in parts.items()}
     uniform = [point[n] for n in ("dense", "middle", "smallest")]
     probes = [point["weight-heavy cut"], point["weight-heavy kept"]]
     lat.weight_cost = fit_weight_cost(uniform, probes)
-    sums = [table_ms + lat.weight_cost * weights for table_ms, weights, _ in point.values()]
+    sums = [table_ms + lat.weight_cost * charged for table_ms, charged, _ in point.values()]
     return Calibration.fit(sums, list(measured.values()), smooth=True), measured
 
 
@@ -1008,6 +1044,14 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
     ) as table:
         rows_before = table.stats["rows"]
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
+        knee = stages.run("latency table", free_weights, table)
+        lat.free_weights = knee.free
+        log(
+            f"{device.name} keeps {knee.free:,} weights in cache inside a network"
+            if knee.free is not None
+            else f"no cache knee on {device.name} within the probe's "
+            f"{knee.chain[-1][1] / 1e6:.1f}M weights: every weight is charged"
+        )
         full = {g.id: g.channels for g in groups}
         dense_sum = stages.run("latency table", lat.table_sum, full)
         # The knapsack chooses among the candidates it has sensitivities for; the
@@ -1030,8 +1074,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         log(
             "calibration: "
             + ", ".join(f"{n} {ms:.3f} ms" for n, ms in calib_ms.items() if n != "dense")
-            + f"; each layer costs {1e6 * lat.weight_cost:.3f} table ms per million weights "
-            "besides its table entry"
+            + f"; each weight past the free ones costs {1e6 * lat.weight_cost:.3f} table ms "
+            "per million besides the table entries"
         )
 
         history: list[Candidate] = []
@@ -1206,6 +1250,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         "calibration": {
             **calib.to_dict(),
             "weight_cost": lat.weight_cost,
+            "free_weights": knee.to_dict(),
             "measured_ms": calib_ms,
         },
         "search": [c.to_dict() for c in history],

@@ -154,10 +154,7 @@ def markdown(report: dict) -> str:
             if lt.get("timing") == "kernels"
             else "as a whole one-layer file"
         )
-        + ". Each layer also costs "
-        f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights, read "
-        "from memory inside the network but from cache when the layer is timed alone "
-        "(fitted on two measured networks with their weights at opposite ends). "
+        + f". {_weight_cost_line(cal)} "
         f"Calibration: a monotone curve from that sum to latency, fitted on {cal['points']} "
         "measured models (dense, middle, smallest, the two with weights at opposite ends, and "
         "networks with random per-group counts): "
@@ -376,3 +373,27 @@ def write_comparison(out: Path, summary: dict) -> None:
     write_text(out / "results.csv", buf.getvalue())
     write_json(out / "results.json", summary)
     write_text(out / "results.md", comparison_markdown(summary))
+
+
+def _weight_cost_line(cal: dict) -> str:
+    """How the report's run charged weights: past the device's cache knee, or all of them."""
+    cost = f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights"
+    fitted = "(fitted on two measured networks with their weights at opposite ends)"
+    knee = cal.get("free_weights") or {}
+    if knee.get("free_weights") is None:
+        return (
+            f"Each weight also costs {cost}, read from memory inside the network but from "
+            f"cache when its layer is timed alone {fitted}."
+        )
+    chain = knee["chain"]
+    return (
+        f"The network's weights past the first {_count(knee['free_weights'])} also cost "
+        f"{cost} {fitted}: inside a network every layer's weights are read once per "
+        "inference, and past that many they no longer fit the device's cache (the knee of "
+        f"a chain of equal convolutions timed at {chain[0][0]}-{chain[-1][0]} layers, "
+        f"{knee['per_million_weights_ms']:.3f} ms per million weights past it)."
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"

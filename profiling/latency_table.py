@@ -265,17 +265,27 @@ def activation_after(calls: Sequence[tuple[str, nn.Module]], name: str) -> str:
     return ""
 
 
-def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
+def layer_onnx(sig: LayerSig, seed: int = 0, repeat: int = 1) -> bytes:
     """An ONNX model of `sig` (Conv or Gemm, with bias, then its activation) to time on the
-    device.
+    device; with `repeat`, that many copies of the layer in a row, each with its own
+    weights (a convolution whose output has its input's shape), which is how
+    `profiling.weight_spill` finds where a network's weights outgrow the cache.
 
     Built with onnx.helper rather than a torch export: thousands of shapes are
     measured, and this takes milliseconds. Weights are seeded random float32 so
     no runtime can shortcut zeros.
     """
     sig._validate()
+    if repeat < 1:
+        raise DeepLSPError(f"repeat must be >= 1 (got {repeat})")
+    if repeat > 1 and (
+        sig.kind != "conv" or sig.out_channels != sig.in_channels or sig.out_hw != sig.in_hw
+    ):
+        raise DeepLSPError(
+            f"only a convolution whose output has its input's shape can be repeated "
+            f"(got {sig.key()})"
+        )
     rng = np.random.default_rng(seed)
-    bias = rng.standard_normal(sig.out_channels).astype(np.float32)
     if sig.kind == "conv":
         kh, kw = sig.kernel
         w_shape = (sig.out_channels, sig.in_channels // sig.groups, kh, kw)
@@ -295,28 +305,36 @@ def layer_onnx(sig: LayerSig, seed: int = 0) -> bytes:
         out_shape = [sig.batch, sig.out_channels]
         attrs = {"transB": 1}
         op, fan_in = "Gemm", sig.in_channels
-    weight = (rng.standard_normal(w_shape) / math.sqrt(fan_in)).astype(np.float32)
-    nodes = [helper.make_node(op, ["input", "weight", "bias"], ["layer"], **attrs)]
-    act_nodes, act_constants = _activation(sig.act, "layer", "activated")
-    nodes += act_nodes
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    x = "input"
+    for i in range(repeat):
+        n = str(i) if i else ""  # the single layer's names as they always were
+        bias = rng.standard_normal(sig.out_channels).astype(np.float32)
+        weight = (rng.standard_normal(w_shape) / math.sqrt(fan_in)).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"weight{n}"),
+            numpy_helper.from_array(bias, f"bias{n}"),
+        ]
+        nodes.append(helper.make_node(op, [x, f"weight{n}", f"bias{n}"], [f"layer{n}"], **attrs))
+        act_nodes, act_constants = _activation(sig.act, f"layer{n}", f"activated{n}", n)
+        nodes += act_nodes
+        initializers += act_constants
+        x = nodes[-1].output[0]
     if sig.kind == "conv":
         # ONNX Runtime fuses an activation into the convolution only when the activation's
         # output stays in its blocked layout, as it does in a network; at the graph output it
         # runs apart (hard-swish as two more passes). A global average pool keeps it inside.
-        nodes.append(helper.make_node(SINK, [nodes[-1].output[0]], ["output"]))
+        nodes.append(helper.make_node(SINK, [x], ["output"]))
         out_shape = [sig.batch, sig.out_channels, 1, 1]
     else:
         nodes[-1].output[0] = "output"
     graph = helper.make_graph(
         nodes,
-        sig.key().replace("/", "_"),
+        sig.key().replace("/", "_") + (f"_x{repeat}" if repeat > 1 else ""),
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
-        initializer=[
-            numpy_helper.from_array(weight, "weight"),
-            numpy_helper.from_array(bias, "bias"),
-            *act_constants,
-        ],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
@@ -333,20 +351,25 @@ _ACTIVATION_OPS = {
 }
 
 
-def _activation(act: str, x: str, y: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The ONNX nodes torch exports for `act`, from `x` to `y`, and their constants."""
+def _activation(
+    act: str, x: str, y: str, suffix: str = ""
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The ONNX nodes torch exports for `act`, from `x` to `y`, and their constants (their
+    names end in `suffix`)."""
     if not act:
         return [], []
     if act == "relu6":
         bounds = [
-            numpy_helper.from_array(np.array(0.0, np.float32), "clip_min"),
-            numpy_helper.from_array(np.array(6.0, np.float32), "clip_max"),
+            numpy_helper.from_array(np.array(0.0, np.float32), f"clip_min{suffix}"),
+            numpy_helper.from_array(np.array(6.0, np.float32), f"clip_max{suffix}"),
         ]
-        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y])], bounds
+        return [
+            helper.make_node("Clip", [x, f"clip_min{suffix}", f"clip_max{suffix}"], [y])
+        ], bounds
     if act == "silu":  # x * sigmoid(x)
         return [
-            helper.make_node("Sigmoid", [x], ["gate"]),
-            helper.make_node("Mul", [x, "gate"], [y]),
+            helper.make_node("Sigmoid", [x], [f"gate{suffix}"]),
+            helper.make_node("Mul", [x, f"gate{suffix}"], [y]),
         ], []
     op, attrs = _ACTIVATION_OPS[act]
     return [helper.make_node(op, [x], [y], **attrs)], []
@@ -385,6 +408,7 @@ class LatencyTable:
         # measured, 100 runs 92% (bench/README.md, layer_context).
         iters: int = 100,
         measure: Callable[[LayerSig], LatencyStats] | None = None,
+        measure_network: Callable[[Path], LatencyStats] | None = None,
     ) -> None:
         if warmup < 0 or iters < 1:
             raise DeepLSPError(f"warmup must be >= 0 and iters >= 1 (got {warmup}, {iters})")
@@ -393,11 +417,12 @@ class LatencyTable:
         self.iters = iters
         self.path = Path(cache_path) if cache_path is not None else default_cache_path()
         self._measure = measure
+        self._measure_network = measure_network
         info = target.fingerprint(device)
         self.timing = target.layer_timing(device)
         # Rows of another layer file or way of timing it are other measurements.
         self.fingerprint: str = f"{info['id']}/layers-{LAYER_FILES}/{self.timing}"
-        self._memo: dict[LayerSig, float] = {}
+        self._memo: dict[str, float] = {}  # by row key: a layer's `key()` or a network's name
         self._hits = 0
         self._misses = 0
         self._conn: sqlite3.Connection | None = None
@@ -445,7 +470,7 @@ class LatencyTable:
         for sig in unique:
             if not isinstance(sig, LayerSig):
                 raise DeepLSPError(f"expected a LayerSig, got {type(sig).__name__}")
-        result = {sig: self._hit(sig) for sig in unique if self._known(sig)}
+        result = {sig: self._hit(sig.key()) for sig in unique if self._known(sig.key())}
         missing = [sig for sig in unique if sig not in result]
         interval = 0.5 if sys.stderr.isatty() else 30.0
         bar = tqdm(
@@ -458,7 +483,7 @@ class LatencyTable:
         )
         try:
             for sig, stats in zip(missing, self._measure_stream(missing), strict=True):
-                result[sig] = self._store(sig, stats)
+                result[sig] = self._store(sig.key(), stats)
                 bar.update()
         finally:
             bar.close()
@@ -475,6 +500,34 @@ class LatencyTable:
         ]
         table = self.get_many(variants, desc=f"staircase {sig.key()}")
         return [(c, table[v]) for c, v in zip(counts, variants, strict=True)]
+
+    def networks(self, files: dict[str, Callable[[], bytes]], rounds: int = 3) -> dict[str, float]:
+        """Median ms of whole ONNX files by name, timed as files (not by kernels), each the
+        median of `rounds` timings taken in passes that alternate their order; measured
+        once per device and stored beside the layers (a file is built only to be measured).
+        Names must not look like layer keys."""
+        for name in files:
+            if name.split("/")[0] in KINDS:
+                raise DeepLSPError(f"a network's name cannot start like a layer key: {name!r}")
+        result = {n: self._hit(n) for n in files if self._known(n)}
+        missing = [n for n in files if n not in result]
+        if missing:
+            timed: dict[str, list[float]] = {n: [] for n in missing}
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = {n: Path(tmp) / f"network{i}.onnx" for i, n in enumerate(missing)}
+                for n, path in paths.items():
+                    path.write_bytes(files[n]())
+                for r in range(rounds):
+                    order = missing if r % 2 == 0 else missing[::-1]
+                    for n, stats in zip(
+                        order,
+                        self._measure_files([paths[n] for n in order]),
+                        strict=True,
+                    ):
+                        timed[n].append(stats)
+            for n in missing:
+                result[n] = self._store(n, sorted(timed[n], key=lambda s: s.median)[rounds // 2])
+        return {n: result[n] for n in files}
 
     @property
     def stats(self) -> dict:
@@ -504,27 +557,27 @@ class LatencyTable:
         self.close()
 
     # -- internals -----------------------------------------------------------
-    def _known(self, sig: LayerSig) -> bool:
-        if sig in self._memo:
+    def _known(self, key: str) -> bool:
+        if key in self._memo:
             return True
         rows = self._query(
             "SELECT median_ms FROM latency WHERE fingerprint = ? AND signature = ?",
-            (self.fingerprint, sig.key()),
+            (self.fingerprint, key),
         )
         if rows:
-            self._memo[sig] = float(rows[0][0])
+            self._memo[key] = float(rows[0][0])
         return bool(rows)
 
-    def _hit(self, sig: LayerSig) -> float:
+    def _hit(self, key: str) -> float:
         self._hits += 1
-        return self._memo[sig]
+        return self._memo[key]
 
-    def _store(self, sig: LayerSig, stats: LatencyStats) -> float:
+    def _store(self, key: str, stats: LatencyStats) -> float:
         if not (math.isfinite(stats.median) and stats.median >= 0):
-            raise DeepLSPError(f"measured a latency of {stats.median} ms for {sig.key()}")
+            raise DeepLSPError(f"measured a latency of {stats.median} ms for {key}")
         row = (
             self.fingerprint,
-            sig.key(),
+            key,
             float(stats.median),
             float(stats.p90),
             int(stats.n),
@@ -537,8 +590,8 @@ class LatencyTable:
         except sqlite3.DatabaseError as exc:
             raise self._db_error(exc) from exc
         self._misses += 1
-        self._memo[sig] = float(stats.median)
-        return self._memo[sig]
+        self._memo[key] = float(stats.median)
+        return self._memo[key]
 
     def _measure_stream(self, sigs: list[LayerSig]) -> Iterator[LatencyStats]:
         """Each signature's stats in order, as measured (so each can be stored at once)."""
@@ -554,6 +607,12 @@ class LatencyTable:
                 yield from target.measure_layers(
                     self.device, paths, self.warmup, self.iters, HARNESS
                 )
+
+    def _measure_files(self, paths: list[Path]) -> Iterator[LatencyStats]:
+        if self._measure_network is not None:
+            yield from map(self._measure_network, paths)
+        else:
+            yield from target.measure_many(self.device, paths, self.warmup, self.iters)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

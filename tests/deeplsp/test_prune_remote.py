@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+import deeplsp.pruner as prune_mod
 import profiling.isolated as isolated
 from deeplsp.models import MODELS, ModelEntry
 from deeplsp.pruner import PruneConfig, prune
@@ -16,7 +17,7 @@ from devices.config import ENV_TOKEN
 from profiling.counting import count_onnx
 from profiling.remote import AgentClient
 from profiling.runner import LatencyStats
-from tests.deeplsp.test_pruner import TinyNet
+from tests.deeplsp.test_pruner import SMALL_PROBE, TinyNet
 from tests.profiling.test_agent import TOKEN, AgentServer
 
 
@@ -30,6 +31,7 @@ def _clock(paths, threads, warmup, iters, repeats=1, kernels_except=None):
 def setting(monkeypatch):
     monkeypatch.setitem(MODELS._entries, "tinynet", ModelEntry("tinynet", "t", TinyNet, "none"))
     monkeypatch.setattr(isolated, "measure_isolated_many", _clock)
+    monkeypatch.setattr(prune_mod, "free_weights", SMALL_PROBE)  # its chain through the agent too
     monkeypatch.setenv(ENV_TOKEN, TOKEN)
     monkeypatch.delenv("DEEPLSP_DEVICE_URL", raising=False)
     calls = []
@@ -71,7 +73,8 @@ def test_prune_through_the_agent_equals_the_local_run(tmp_path, fashionmnist_dir
     local = run("local", None)
     assert not calls
     remote = run("remote", server.url)
-    assert len(calls) >= remote["latency_table"]["new_rows"] + 3  # table + calibration models
+    # the table, the cache probe's chains (three rounds of 13) and the calibration models
+    assert len(calls) >= remote["latency_table"]["new_rows"] + 3
     assert remote["device"]["url"] == server.url and local["device"]["url"] is None
     assert remote["fingerprint"] == local["fingerprint"]  # the agent serves this machine
     assert [g["keep"] for g in remote["groups"]] == [g["keep"] for g in local["groups"]]

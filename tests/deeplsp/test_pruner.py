@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -20,8 +21,9 @@ from deeplsp.pruner import PruneConfig, prune
 from deeplsp.structure import find_groups, prune_groups
 from devices import get_device
 from export import export_onnx
+from profiling import weight_spill
 from profiling.counting import count_onnx, count_torch
-from profiling.latency_table import Calibration, LatencyTable
+from profiling.latency_table import Calibration, LatencyTable, LayerSig
 from profiling.runner import LatencyStats
 
 
@@ -46,6 +48,12 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+# The device's cache probe (profiling.weight_spill) on TinyNet's scale: 584 weights a layer.
+SMALL_PROBE = partial(
+    weight_spill.free_weights, probe=LayerSig("conv", 8, 8, kernel=3, padding=1, in_hw=4)
+)
+
+
 def _stats(ms: float) -> LatencyStats:
     return LatencyStats.from_samples([ms] * 5, warmup=0)
 
@@ -66,12 +74,24 @@ def tiny(monkeypatch, tmp_path):
     # power: how latency grows with MACs; log: every timing's true ms, in order;
     # outliers: timing number (1-based, in log order) -> factor (noise)
     # bump: (lo, hi, factor): networks of lo..hi million MACs run `factor` times slower
-    # per_weight: ms per parameter, which the per-layer table does not see
-    curve = {"power": 1.0, "log": [], "outliers": {}, "bump": (0.0, 0.0, 1.0), "per_weight": 0.0}
+    # per_weight: ms per parameter past the first `cache`, which the per-layer table does not
+    # see; the device's chain probe (profiling.weight_spill) runs on the same clock
+    curve = {
+        "power": 1.0,
+        "log": [],
+        "outliers": {},
+        "bump": (0.0, 0.0, 1.0),
+        "per_weight": 0.0,
+        "cache": 0,
+    }
+
+    def network_ms(cost) -> float:
+        spilled = max(0, cost.params - curve["cache"])
+        return 0.05 + (1e-6 * cost.macs) ** curve["power"] + curve["per_weight"] * spilled
 
     def clock(cost) -> float:
         macs = cost.macs
-        ms = 0.05 + (1e-6 * macs) ** curve["power"] + curve["per_weight"] * cost.params
+        ms = network_ms(cost)
         lo, hi, factor = curve["bump"]
         ms *= factor if lo <= 1e-6 * macs <= hi else 1.0
         curve["log"].append(ms)
@@ -87,11 +107,15 @@ def tiny(monkeypatch, tmp_path):
 
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
     monkeypatch.setattr(prune_mod.Timing, "time", fake_time)
+    monkeypatch.setattr(prune_mod, "free_weights", SMALL_PROBE)
     monkeypatch.setattr(
         prune_mod,
         "LatencyTable",
         lambda device, path, **kw: LatencyTable(
-            device, path, measure=lambda s: _stats(_layer_ms(s))
+            device,
+            path,
+            measure=lambda s: _stats(_layer_ms(s)),
+            measure_network=lambda p: _stats(network_ms(count_onnx(p))),
         ),
     )
     return curve
@@ -213,9 +237,33 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
         for s in lines
     )
     assert probe["calibration"]["weight_cost"] == pytest.approx(2e-5, rel=0.3)
+    # every weight costs the same on this device: the chain probe finds no knee
+    assert probe["calibration"]["free_weights"]["free_weights"] is None
     md = (tmp_path / "run" / "report.md").read_text()
-    assert "table ms per million weights" in md
+    assert "Each weight also costs" in md and "table ms per million weights" in md
     assert "timed with the activation it feeds, by ONNX Runtime's kernel time" in md
+
+
+def test_weights_cost_only_past_the_devices_cache(tmp_path, tiny, fashionmnist_dir):
+    """A device that charges weights only past its first 4,000: the chain probe finds
+    that knee, the calibration fits the cost of the weights past it, the report says
+    so, and the search still meets its budget."""
+    tiny["per_weight"] = 4e-5
+    tiny["cache"] = 4000  # TinyNet has about 14,000; its smallest networks fit
+    lines = []
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
+    probe = prune(cfg, log=lines.append)
+    knee = probe["calibration"]["free_weights"]
+    assert knee["free_weights"] == pytest.approx(4000, abs=584)  # within a probe layer
+    assert knee["per_million_weights_ms"] == pytest.approx(40, rel=0.05)
+    said = f"keeps {knee['free_weights']:,} weights in cache inside a network"
+    assert any(said in s for s in lines)
+    assert probe["calibration"]["weight_cost"] == pytest.approx(4e-5, rel=0.3)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"The network's weights past the first {knee['free_weights']:,} also cost" in md
+    budget = 0.5 * _dense_ms(probe)
+    r = prune(replace(cfg, budget_ms=budget), log=lambda s: None)
+    assert r["pruned"]["latency_ms"]["median"] <= budget
 
 
 def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjudge(
@@ -551,7 +599,10 @@ def drifting(monkeypatch):
         prune_mod,
         "LatencyTable",
         lambda device, path, **kw: LatencyTable(
-            device, path, measure=lambda s: _stats(_layer_ms(s))
+            device,
+            path,
+            measure=lambda s: _stats(_layer_ms(s)),
+            measure_network=lambda p: _stats(true_ms(p)),  # the chain probe, undrifted
         ),
     )
     windows = []
@@ -565,6 +616,7 @@ def drifting(monkeypatch):
             yield _stats(true_ms(path) * 1.04 ** len(windows))
 
     monkeypatch.setattr(prune_mod.target, "measure_many", measure_many)
+    monkeypatch.setattr(prune_mod, "free_weights", SMALL_PROBE)
     return true_ms, windows
 
 
@@ -708,6 +760,47 @@ def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
         assert keeps != smallest and cost < sum(sens[g][k] for g, k in smallest.items())
         with pytest.raises(InfeasibleBudget):
             prune_mod.allocate_coupled(lat, candidates, sens, 0.99 * lat.table_sum(smallest))
+
+
+@pytest.mark.parametrize("free", [10**9, 6000, 0])
+def test_coupled_allocation_prices_weights_only_past_the_free_ones(tmp_path, free):
+    """Weights that cost only past the device's free ones are no cost per layer: the
+    knapsack tries each weight at the full cost, half and nothing, and keeps the answer
+    with the least loss that fits the true sum. Where no network spills (`free` past the
+    dense one), that is the answer of a device whose weights cost nothing, which the full
+    price alone misses; where every weight spills (0), the full price's answer."""
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+    sens = {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}
+
+    def layer_ms(sig) -> float:
+        if sig.kind == "linear":
+            return 1e-4 * sig.in_channels * sig.out_channels
+        h, w = sig.out_hw
+        return 1e-4 * h * w * sig.out_channels * sig.in_channels / sig.groups
+
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        full = {g: max(c) for g, c in candidates.items()}
+        budget = 0.5 * lat.table_sum(full)
+        free_of_cost, _ = prune_mod.allocate_coupled(lat, candidates, sens, budget)
+        lat.weight_cost, lat.free_weights = 4 * budget / lat.parts(full)[1], free
+        keeps, loss = prune_mod.allocate_coupled(lat, candidates, sens, budget)
+        assert lat.table_sum(keeps) <= budget
+        full_price = prune_mod._allocate_priced(lat, candidates, sens, budget, 10, lat.weight_cost)
+        assert loss <= prune_mod.summed_loss(sens, full_price)
+        if free == 10**9:
+            assert keeps == free_of_cost != full_price
+        if free == 0:
+            assert keeps == full_price
 
 
 def test_coupled_allocation_holds_the_budget_when_narrow_inputs_time_slower(tmp_path):
