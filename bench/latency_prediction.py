@@ -6,7 +6,7 @@ not depend on weight values), N random pruned variants (every group at a random
 candidate keep count, 8 ratios) are predicted from the per-layer table with the
 pipeline's calibration (its eight measured networks: dense, middle, smallest, two
 tilted ones that also fit the cost per weight element that the table does not see,
-three random ones) and then pruned
+past the device's cache knee (profiling.weight_spill), three random ones) and then pruned
 for real, exported and measured on the `cpu` device (median of the middle of
 three timed windows, as the pipeline does). Reports the share within +-10%, and
 the table's cold (empty cache) and warm build times.
@@ -62,6 +62,7 @@ from deeplsp.pruner import (
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
 from profiling.latency_table import LatencyTable
+from profiling.weight_spill import free_weights
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,6 +104,7 @@ def _summary(name: str, rows: list[dict], meta: dict) -> dict:
         if steady
         else "-",
         "weight_cost_per_M": round(1e6 * rows[-1]["calibration"].get("weight_cost", 0.0), 4),
+        "free_weights_M": _millions(rows[-1]["calibration"].get("free_weights")),
         "dense_ms": round(meta["dense_ms"], 3),
         "smallest_ms": round(meta["smallest_ms"], 3),
         "table_rows": meta["table"]["rows"],
@@ -151,6 +153,9 @@ def main() -> None:
         rng = random.Random(f"variants-{args.seed}")
         with LatencyTable(device, cache) as table, tempfile.TemporaryDirectory() as tmp:
             lat = LatencyModel(model, shape, groups, table)
+            knee = free_weights(table)
+            lat.free_weights = knee.free
+            entry.setdefault("free_weights", knee.to_dict())
             timing = Timing(device, 10, args.iters)
             dense_onnx = Path(tmp) / "dense.onnx"
             dense_ms = measure_model(model, shape, timing, dense_onnx)["latency"]["median"]
@@ -189,6 +194,7 @@ def main() -> None:
                         "calibration": {
                             **calib.to_dict(),
                             "weight_cost": lat.weight_cost,
+                            "free_weights": lat.free_weights,
                             "measured_ms": calib_ms,
                         },
                     }
@@ -201,6 +207,10 @@ def main() -> None:
                     flush=True,
                 )
     write_results(state, args)
+
+
+def _millions(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
 
 
 def write_results(state: dict, args) -> None:
@@ -224,7 +234,9 @@ def write_results(state: dict, args) -> None:
         f"Random pruned variants (`variants` per model; every group at one of 8 candidate "
         f"ratios), input 1x32x32, batch 1. Predicted: per-layer table sum (layers timed in a "
         f"fresh process; since session 15 each with its activation, by ONNX Runtime's kernel "
-        f"time) plus `weight_cost_per_M` table ms per million weights, calibrated "
+        f"time) plus `weight_cost_per_M` table ms per million weights (since session 16 "
+        f"only the weights past the device's first `free_weights_M` million, the knee of "
+        f"profiling.weight_spill's chain; '-': every weight), calibrated "
         f"on the pipeline's measured networks (dense, middle, smallest, two tilted ones "
         f"that also fit the weight cost and, since session 10, three random ones; session 8 "
         f"and earlier: the first three; since session 11 a smooth curve, a quadratic in "
