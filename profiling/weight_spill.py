@@ -3,17 +3,20 @@ more weight costs time.
 
 Timed alone, a layer reads its weights from cache run after run. Inside a network every
 layer's weights are read once per inference, and once the network's weights outgrow the
-cache they come from memory. On the `cpu` device here (1 ONNX Runtime thread, a 32 MB L3
-shared with other machines), a chain of 3x3 convolutions (256 channels at 4x4) ran at
-the same time per layer up to about 3.5M weights and 0.16 ms slower per million weights
-past it; ResNet-18's variants pointed to the same knee (bench/README.md, weight_spill):
-with the weight cost charged only past 3M weights their predictions put 98% within
-+-10% of measured (94% within +-5%), against 88% (62%) charging every weight.
+cache they come from memory. On the `cpu` device here (1 ONNX Runtime thread, AMD EPYC,
+a 32 MB L3 shared with other machines), a chain of 3x3 convolutions (256 channels at
+4x4) ran at the same time per layer up to a knee and 0.16-0.19 ms slower per million
+weights past it; the knee read 2.7M and 3.3M weights in two probes an hour apart.
+ResNet-18's variants pointed to the same place: with the weight cost charged only past
+the knee, its predictions put 100% of 50 fresh variants within +-10% of measured (84%
+within +-5%), where charging every weight put 88% (62%) in session 15 (bench/README.md,
+session 16).
 
 The knee is a property of the device, not of a model, so it is measured once per device
 (`free_weights`, cached with the layer table) on such a chain, and the cost per weight
-past it is fitted per model in its calibration (`fit_weight_cost`), since how much a
-spilled weight costs depends on how often the layer reuses it.
+past it is fitted per model in its calibration (`fit_weight_cost`): in chains of other
+layers the cost past the knee differed (1x1 convolutions on a 1x1 map: 0.04 ms per
+million weights), as it depends on how often a layer reuses each weight.
 """
 
 from __future__ import annotations
