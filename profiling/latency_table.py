@@ -531,9 +531,12 @@ class LatencyTable:
 
     @property
     def stats(self) -> dict:
-        """Cache hits and misses of this object, and the rows stored for this device."""
+        """Cache hits and misses of this object, and the layer rows stored for this device
+        (the whole networks of `networks` are not layers)."""
         rows = self._query(
-            "SELECT COUNT(*) FROM latency WHERE fingerprint = ?", (self.fingerprint,)
+            "SELECT COUNT(*) FROM latency WHERE fingerprint = ? AND "
+            "(signature LIKE 'conv/%' OR signature LIKE 'linear/%')",
+            (self.fingerprint,),
         )[0][0]
         return {
             "hits": self._hits,

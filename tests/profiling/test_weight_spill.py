@@ -115,7 +115,9 @@ def test_free_weights_times_each_chain_once_per_device_and_finds_the_knee(tmp_pa
     with LatencyTable(get_device("cpu"), path, measure_network=clock) as table:
         knee = free_weights(table, probe=SMALL, lengths=lengths)
         assert len(timed) == 3 * len(lengths)  # three rounds
-        assert table.stats["rows"] == len(lengths)
+        assert table.stats["rows"] == 0  # networks, not layers
+        stored = table._query("SELECT COUNT(*) FROM latency", ())[0][0]
+        assert stored == len(lengths)
     assert knee.free == pytest.approx(4.5 * W, abs=0.2 * W)
     assert [c[0] for c in knee.chain] == list(lengths)
     with LatencyTable(get_device("cpu"), path, measure_network=clock) as table:
