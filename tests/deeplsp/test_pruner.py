@@ -726,10 +726,9 @@ def test_budget_settings_are_checked(tmp_path, kw, message):
         PruneConfig(model="m", dataset="d", out=str(tmp_path), **kw)
 
 
-def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
-    """Below the knapsack's full-width bound (every group at its smallest, inputs at full
-    width) a budget can still fit networks larger than the smallest: they are found."""
-    from deeplsp.allocation import InfeasibleBudget
+def _mac_knapsack(tmp_path):
+    """TinyNet at 16x16 with four ratios, each group's loss linear in its cut, and a table
+    whose layers time in proportion to their MACs (no rounding)."""
     from deeplsp.structure import find_groups
     from devices import DEVICES
 
@@ -739,7 +738,7 @@ def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
     candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
     sens = {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}
 
-    def layer_ms(sig) -> float:  # proportional to MACs, no rounding
+    def layer_ms(sig) -> float:
         if sig.kind == "linear":
             return 1e-4 * sig.in_channels * sig.out_channels
         h, w = sig.out_hw
@@ -748,6 +747,15 @@ def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
     table = LatencyTable(
         DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(layer_ms(s))
     )
+    return model, shape, groups, candidates, sens, table
+
+
+def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
+    """Below the knapsack's full-width bound (every group at its smallest, inputs at full
+    width) a budget can still fit networks larger than the smallest: they are found."""
+    from deeplsp.allocation import InfeasibleBudget
+
+    model, shape, groups, candidates, sens, table = _mac_knapsack(tmp_path)
     with table:
         lat = prune_mod.LatencyModel(model, shape, groups, table)
         smallest = {g: min(c) for g, c in candidates.items()}
@@ -768,24 +776,7 @@ def test_coupled_allocation_charges_every_weight_and_spends_what_the_free_ones_l
     free weights leave. Every answer fits the true sum and the more weights are free, the
     less loss the answer has; with every weight free the charge still holds it above the
     loss of a device whose weights cost nothing (chosen so: see allocate_coupled)."""
-    from deeplsp.structure import find_groups
-    from devices import DEVICES
-
-    shape = (1, 1, 16, 16)
-    model = TinyNet(10, 1, 16).eval()
-    groups = find_groups(model, shape)
-    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
-    sens = {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}
-
-    def layer_ms(sig) -> float:
-        if sig.kind == "linear":
-            return 1e-4 * sig.in_channels * sig.out_channels
-        h, w = sig.out_hw
-        return 1e-4 * h * w * sig.out_channels * sig.in_channels / sig.groups
-
-    table = LatencyTable(
-        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(layer_ms(s))
-    )
+    model, shape, groups, candidates, sens, table = _mac_knapsack(tmp_path)
     with table:
         lat = prune_mod.LatencyModel(model, shape, groups, table)
         full = {g: max(c) for g, c in candidates.items()}
