@@ -348,7 +348,6 @@ class LatencyModel:
         (the classifier) go into the base (see `allocate_coupled`). Every weight costs
         `weight_cost`: the knapsack needs a cost per layer, which the weights past the free
         ones are not, and this one is never less (see `allocate_coupled`)."""
-        price = self.weight_cost
         wanted = []
         for lk in self.links:
             for k in candidates.get(lk.out_group, []) if lk.out_group else []:
@@ -360,11 +359,11 @@ class LatencyModel:
         for lk in self.links:
             if lk.out_group is None or lk.out_group not in candidates:
                 sig = self.sig_at(lk, keeps)
-                base += got[sig] + price * sig.weights
+                base += got[sig] + self.weight_cost * sig.weights
                 continue
             for k in candidates[lk.out_group]:
                 sig = self.sig_at(lk, {**keeps, lk.out_group: k})
-                per[lk.out_group][k] += got[sig] + price * sig.weights
+                per[lk.out_group][k] += got[sig] + self.weight_cost * sig.weights
         return per, base
 
 
@@ -1058,8 +1057,8 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         log(
             "calibration: "
             + ", ".join(f"{n} {ms:.3f} ms" for n, ms in calib_ms.items() if n != "dense")
-            + f"; each weight past the free ones costs {1e6 * lat.weight_cost:.3f} table ms "
-            "per million besides the table entries"
+            + f"; each weight{' past the free ones' if lat.free_weights is not None else ''} "
+            f"costs {1e6 * lat.weight_cost:.3f} table ms per million besides the table entries"
         )
 
         history: list[Candidate] = []
