@@ -155,6 +155,7 @@ def main() -> None:
             lat = LatencyModel(model, shape, groups, table)
             knee = free_weights(table)
             lat.free_weights = knee.free
+            lat.spill_cost = knee.per_weight_ms if knee.free is not None else None
             entry.setdefault("free_weights", knee.to_dict())
             timing = Timing(device, 10, args.iters)
             dense_onnx = Path(tmp) / "dense.onnx"

@@ -265,7 +265,8 @@ class LatencyModel:
     plus `weight_cost` per weight element past the first `free_weights` of the network
     (all of them when None), in table units; `Calibration` maps the sum to measured
     milliseconds. `free_weights` is the device's (`profiling.weight_spill`), `calibrate`
-    fits the weight cost; until then it is 0."""
+    fits the weight cost, at most `spill_cost` (what a spilled weight cost in the device's
+    chain); until then it is 0."""
 
     def __init__(
         self,
@@ -275,10 +276,12 @@ class LatencyModel:
         table: LatencyTable,
         weight_cost: float = 0.0,
         free_weights: int | None = None,
+        spill_cost: float | None = None,
     ) -> None:
         self.table = table
         self.weight_cost = weight_cost
         self.free_weights = free_weights
+        self.spill_cost = spill_cost  # ms per weight past the knee on the device's chain
         self.channels = {g.id: g.channels for g in groups}
         self.links: list[LayerLink] = layer_links(model, groups)
         # every leaf module (the layers among them), in the order it ran, and its input shape
@@ -770,7 +773,7 @@ def calibrate(
     point = {n: (t, lat.charged(w), measured[n]) for n, (t, w) in parts.items()}
     uniform = [point[n] for n in ("dense", "middle", "smallest")]
     probes = [point["weight-heavy cut"], point["weight-heavy kept"]]
-    lat.weight_cost = fit_weight_cost(uniform, probes)
+    lat.weight_cost = fit_weight_cost(uniform, probes, cap=lat.spill_cost)
     sums = [table_ms + lat.weight_cost * charged for table_ms, charged, _ in point.values()]
     return Calibration.fit(sums, list(measured.values()), smooth=True), measured
 
@@ -1029,6 +1032,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
         knee = stages.run("latency table", free_weights, table)
         lat.free_weights = knee.free
+        lat.spill_cost = knee.per_weight_ms if knee.free is not None else None
         log(
             f"{device.name} keeps {knee.free:,} weights in cache inside a network"
             if knee.free is not None

@@ -505,6 +505,17 @@ def test_weight_cost_is_recovered_from_two_networks_off_the_curve():
         assert cal.predict(t + cost * w) == pytest.approx(ms, rel=1e-9)
 
 
+def test_weight_cost_stays_under_its_cap_and_reaches_it():
+    """The cap (the device chain's cost per spilled weight) bounds the fit: a fit that
+    would go past it returns the cap; one under it is unchanged."""
+    true = 0.3 * 4.0 / 2_000_000
+    curve = [(4.0, 2_000_000), (2.0, 700_000), (0.5, 100_000)]
+    probes = [(2.2, 300_000), (1.6, 1_500_000)]
+    points = [(t, w, _device_clock(t, w, true)) for t, w in curve + probes]
+    assert fit_weight_cost(points[:3], points[3:], cap=0.5 * true) == 0.5 * true
+    assert fit_weight_cost(points[:3], points[3:], cap=2 * true) == pytest.approx(true, rel=1e-9)
+
+
 def test_weight_cost_is_zero_where_weights_cost_nothing_or_nothing_probes_them():
     curve = [(4.0, 2_000_000), (2.0, 700_000), (0.5, 100_000)]
     probes = [(2.2, 300_000), (1.6, 1_500_000)]
