@@ -1133,6 +1133,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             )
         table_stats = table.stats
         staircase = _staircase(lat, table, groups)
+        delivered_weights = lat.parts(chosen.keeps)[1]  # what the cache knee counts
 
     # 5. real removal of the chosen allocation
     pruned = prune_groups(copy.deepcopy(dense), shape, chosen.keeps, order=order)
@@ -1215,6 +1216,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             "ratio_to_dense": final.get("ratio_to_dense"),
             "predicted_ms": chosen.predicted_ms,
             "onnx_bytes": final["export"]["size_bytes"],
+            "layer_weights": delivered_weights,
         },
         "groups": [
             {

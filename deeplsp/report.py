@@ -154,7 +154,7 @@ def markdown(report: dict) -> str:
             if lt.get("timing") == "kernels"
             else "as a whole one-layer file"
         )
-        + f". {_weight_cost_line(cal)} "
+        + f". {_weight_cost_line(cal)} {_fits_line(cal, pruned)} "
         f"Calibration: a monotone curve from that sum to latency, fitted on {cal['points']} "
         "measured models (dense, middle, smallest, the two with weights at opposite ends, and "
         "networks with random per-group counts): "
@@ -397,3 +397,23 @@ def _weight_cost_line(cal: dict) -> str:
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
+def _fits_line(cal: dict, pruned: dict) -> str:
+    """Whether the delivered network's weights fit under the device's cache knee: one that
+    does keeps its latency when other processes use the cache, one past it may not (a
+    neighbour streaming 48 MB slowed a MobileNetV3-L with 4.2M weights 63%, one with
+    1.6M 5%: bench/README.md, cache_pressure)."""
+    free = (cal.get("free_weights") or {}).get("free_weights")
+    weights = pruned.get("layer_weights")
+    if free is None or weights is None:
+        return ""
+    if weights <= free:
+        return (
+            f"The delivered network's {_count(weights)} layer weights fit under that knee, so "
+            "its latency should not depend on other processes' use of the cache."
+        )
+    return (
+        f"The delivered network's {_count(weights)} layer weights are past that knee, so "
+        "other processes' use of the cache can slow it beyond the measured figures."
+    )

@@ -261,9 +261,15 @@ def test_weights_cost_only_past_the_devices_cache(tmp_path, tiny, fashionmnist_d
     assert probe["calibration"]["weight_cost"] == pytest.approx(4e-5, rel=0.3)
     md = (tmp_path / "run" / "report.md").read_text()
     assert f"The network's weights past the first {knee['free_weights']:,} also cost" in md
+    # the dense TinyNet (returned: the budget is above it) is past the knee, and says so
+    assert probe["pruned"]["layer_weights"] > knee["free_weights"]
+    assert "layer weights are past that knee" in md
     budget = 0.5 * _dense_ms(probe)
     r = prune(replace(cfg, budget_ms=budget), log=lambda s: None)
     assert r["pruned"]["latency_ms"]["median"] <= budget
+    fits = r["pruned"]["layer_weights"] <= r["calibration"]["free_weights"]["free_weights"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert ("layer weights fit under that knee" in md) == fits
 
 
 def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjudge(
