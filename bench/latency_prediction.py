@@ -154,8 +154,7 @@ def main() -> None:
         with LatencyTable(device, cache) as table, tempfile.TemporaryDirectory() as tmp:
             lat = LatencyModel(model, shape, groups, table)
             knee = free_weights(table)
-            lat.free_weights = knee.free
-            lat.spill_cost = knee.per_weight_ms if knee.free is not None else None
+            lat.use_knee(knee)
             entry.setdefault("free_weights", knee.to_dict())
             timing = Timing(device, 10, args.iters)
             dense_onnx = Path(tmp) / "dense.onnx"

@@ -57,7 +57,7 @@ from profiling.latency_table import (
     default_cache_path,
     fit_weight_cost,
 )
-from profiling.weight_spill import free_weights
+from profiling.weight_spill import Knee, free_weights
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
@@ -327,6 +327,14 @@ class LatencyModel:
             self._scaled(sig.out_channels, link.out_group, keeps),
         )
 
+    def _cost(self, sig: LayerSig, got: dict[LayerSig, float]) -> float:
+        return got[sig] + self.weight_cost * sig.weights
+
+    def use_knee(self, knee: Knee) -> None:
+        """Charge weights past the device's cache knee only, at most at its chain's cost."""
+        self.free_weights = knee.free
+        self.spill_cost = knee.per_weight_ms if knee.free is not None else None
+
     def charged(self, weights: int) -> int:
         """The weights of a network that the weight cost applies to: those past the free."""
         return weights if self.free_weights is None else max(0, weights - self.free_weights)
@@ -361,12 +369,10 @@ class LatencyModel:
         base = 0.0
         for lk in self.links:
             if lk.out_group is None or lk.out_group not in candidates:
-                sig = self.sig_at(lk, keeps)
-                base += got[sig] + self.weight_cost * sig.weights
+                base += self._cost(self.sig_at(lk, keeps), got)
                 continue
             for k in candidates[lk.out_group]:
-                sig = self.sig_at(lk, {**keeps, lk.out_group: k})
-                per[lk.out_group][k] += got[sig] + self.weight_cost * sig.weights
+                per[lk.out_group][k] += self._cost(self.sig_at(lk, {**keeps, lk.out_group: k}), got)
         return per, base
 
 
@@ -1031,8 +1037,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         rows_before = table.stats["rows"]
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
         knee = stages.run("latency table", free_weights, table)
-        lat.free_weights = knee.free
-        lat.spill_cost = knee.per_weight_ms if knee.free is not None else None
+        lat.use_knee(knee)
         log(
             f"{device.name} keeps {knee.free:,} weights in cache inside a network"
             if knee.free is not None

@@ -512,7 +512,7 @@ class LatencyTable:
         result = {n: self._hit(n) for n in files if self._known(n)}
         missing = [n for n in files if n not in result]
         if missing:
-            timed: dict[str, list[float]] = {n: [] for n in missing}
+            timed: dict[str, list[LatencyStats]] = {n: [] for n in missing}
             with tempfile.TemporaryDirectory() as tmp:
                 paths = {n: Path(tmp) / f"network{i}.onnx" for i, n in enumerate(missing)}
                 for n, path in paths.items():
@@ -534,9 +534,10 @@ class LatencyTable:
         """Cache hits and misses of this object, and the layer rows stored for this device
         (the whole networks of `networks` are not layers)."""
         rows = self._query(
-            "SELECT COUNT(*) FROM latency WHERE fingerprint = ? AND "
-            "(signature LIKE 'conv/%' OR signature LIKE 'linear/%')",
-            (self.fingerprint,),
+            "SELECT COUNT(*) FROM latency WHERE fingerprint = ? AND ("
+            + " OR ".join("signature LIKE ?" for _ in KINDS)
+            + ")",
+            (self.fingerprint, *(f"{kind}/%" for kind in KINDS)),
         )[0][0]
         return {
             "hits": self._hits,
