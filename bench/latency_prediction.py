@@ -19,13 +19,19 @@ A shared VM can change speed in a way that pairing with the dense model does not
 cancel: in session 9's MobileNetV3-L run the first 28 variants measured 15-25%
 slower, relative to the dense model, than the same files did a day later, the
 last 22 within 5%. So after every variant the middle calibration network is timed
-again: `middle_drift` is how far it moved from its calibration timing, and the
-summary reports the predictor's share among the variants measured while it held
-within 5% (`steady`) next to the share over all of them.
+again, against the dense model: `middle_drift` is how far it moved from its
+calibration timing, and the summary reports the predictor's share among the
+variants measured while it held within 5% (`steady`) next to the share over all of
+them.
 
-`--timing paired` (the pipeline's default) times every file after the dense model
-alternately with it and counts the ratio times the dense model's median, as
-`deeplsp prune` does; `--timing absolute` times each file on its own.
+`--timing paired` (the pipeline's default) times every file alternately with a
+reference and counts the ratio times the reference's median, as `deeplsp prune`
+does: files whose layer weights fit under the device's cache knee against an
+in-cache uniform network (`deeplsp.pruner.with_in_cache`), the rest against the
+dense model. Since session 17 each variant is also timed against the dense model
+alone, with a calibration of its own timed that way, in the same run
+(`dense_pairing`, the pipeline's timing before). `--timing absolute` times each
+file on its own.
 Results: bench/results/RESULTS.{json,md} (`--results`, default
 latency_prediction-TIMING), rewritten after every variant; an interrupted run
 resumes where it stopped (same seed, timing and machine; `--fresh` restarts).
@@ -58,9 +64,11 @@ from deeplsp.pruner import (
     calibrate,
     candidate_keeps,
     measure_model,
+    with_in_cache,
 )
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
+from export import export_onnx
 from profiling.latency_table import LatencyTable
 from profiling.weight_spill import free_weights
 
@@ -103,6 +111,9 @@ def _summary(name: str, rows: list[dict], meta: dict) -> dict:
         "steady_within_10pct": f"{sum(e <= 0.10 for e in steady) / len(steady):.0%}"
         if steady
         else "-",
+        "dense_pairing_within_10pct": _share(
+            [v["dense_pairing"]["rel_error"] for v in rows if "dense_pairing" in v]
+        ),
         "weight_cost_per_M": round(1e6 * rows[-1]["calibration"].get("weight_cost", 0.0), 4),
         "free_weights_M": _millions(rows[-1]["calibration"].get("free_weights")),
         "dense_ms": round(meta["dense_ms"], 3),
@@ -159,38 +170,67 @@ def main() -> None:
             timing = Timing(device, 10, args.iters)
             dense_onnx = Path(tmp) / "dense.onnx"
             dense_ms = measure_model(model, shape, timing, dense_onnx)["latency"]["median"]
-            if args.timing == "paired":
-                timing = Timing(device, 10, args.iters, dense_onnx, dense_ms)
             # the drift sentinel: the middle calibration network, timed again after each variant
             middle = Path(tmp) / "middle.onnx"
-            calib, calib_ms = calibrate(
-                lat, model, shape, timing, candidates, dense_ms, middle_onnx=middle
-            )
+            # Paired, as the pipeline times: files under the knee against an in-cache
+            # reference (`with_in_cache`). Each variant is also timed against the dense
+            # model alone, with its own calibration, in the same run (`dense_pairing`).
+            ways = {"": timing}
+            if args.timing == "paired":
+                dense_only = Timing(device, 10, args.iters, dense_onnx, dense_ms)
+                ways = {
+                    "": with_in_cache(
+                        dense_only,
+                        lat,
+                        model,
+                        shape,
+                        candidates,
+                        None,
+                        knee.free,
+                        Path(tmp) / "in-cache.onnx",
+                        print,
+                    )
+                }
+                if ways[""].in_cache is not None:
+                    ways["dense_pairing"] = dense_only
+                    entry.setdefault("in_cache", ways[""].in_cache.to_dict())
+            # The drift sentinel is timed against the dense model: against an in-cache
+            # reference MobileNetV3-L's middle network is that reference, its ratio 1.
+            sentinel = "dense_pairing" if "dense_pairing" in ways else ""
+            fits = {}
+            for way, t in ways.items():
+                calib, calib_ms = calibrate(
+                    lat,
+                    model,
+                    shape,
+                    t,
+                    candidates,
+                    dense_ms,
+                    middle_onnx=middle if way == sentinel else None,
+                )
+                fits[way] = (calib, calib_ms, lat.weight_cost)
             entry.setdefault("dense_ms", dense_ms)
-            entry.setdefault("smallest_ms", calib_ms["smallest"])
+            entry.setdefault("smallest_ms", fits[""][1]["smallest"])
             for i in range(args.n):
                 keeps = {g: rng.choice(c) for g, c in candidates.items()}
                 if i < len(entry["variants"]):
                     continue  # measured in an earlier run (same seed: same variant)
-                predicted = calib.predict(lat.table_sum(keeps))
                 table_ms, weights = lat.parts(keeps)
                 pruned = prune_groups(copy.deepcopy(model), shape, keeps)
                 onnx_path = Path(tmp) / "variant.onnx"
-                measured = measure_model(pruned, shape, timing, onnx_path)["latency"]["median"]
-                # the same file again, in another fresh process, a few seconds later
-                again = timing.time(onnx_path)["latency"]["median"]
-                drift = timing.time(middle)["latency"]["median"] / calib_ms["middle"] - 1
-                err = (predicted - measured) / measured
-                entry["variants"].append(
-                    {
-                        "i": i,
+                export_onnx(pruned, shape, onnx_path)
+                order = list(ways) if i % 2 == 0 else list(reversed(ways))  # alternate
+                seen = {}
+                for way in order:
+                    calib, calib_ms, lat.weight_cost = fits[way]
+                    predicted = calib.predict(lat.table_sum(keeps))
+                    measured = ways[way].time(onnx_path)
+                    ms = measured["latency"]["median"]
+                    seen[way] = {
                         "predicted_ms": predicted,
-                        "measured_ms": measured,
-                        "remeasured_ms": again,
-                        "middle_drift": drift,
-                        "rel_error": err,
-                        "table_ms": table_ms,
-                        "weights": weights,
+                        "measured_ms": ms,
+                        "rel_error": (predicted - ms) / ms,
+                        "paired_with": measured.get("paired_with"),
                         "calibration": {
                             **calib.to_dict(),
                             "weight_cost": lat.weight_cost,
@@ -198,15 +238,36 @@ def main() -> None:
                             "measured_ms": calib_ms,
                         },
                     }
+                drift = ways[sentinel].time(middle)["latency"]["median"]
+                drift = drift / fits[sentinel][1]["middle"] - 1
+                # the same file again, in another fresh process, a few seconds later
+                again = ways[""].time(onnx_path)["latency"]["median"]
+                own = seen.pop("")
+                entry["variants"].append(
+                    {
+                        "i": i,
+                        **own,
+                        "middle_drift": drift,
+                        "remeasured_ms": again,
+                        "table_ms": table_ms,
+                        "weights": weights,
+                        **seen,
+                    }
                 )
                 write_results(state, args)  # kept as soon as measured
                 print(
-                    f"{name} {i + 1}/{args.n}: predicted {predicted:.3f} ms, "
-                    f"measured {measured:.3f} ms ({err:+.1%}), again {again:.3f} ms, "
-                    f"middle network {drift:+.1%} from its calibration timing",
+                    f"{name} {i + 1}/{args.n}: predicted {own['predicted_ms']:.3f} ms, "
+                    f"measured {own['measured_ms']:.3f} ms ({own['rel_error']:+.1%}, paired "
+                    f"with {own['paired_with']}), again {again:.3f} ms, middle network "
+                    f"{drift:+.1%} from its calibration timing against the dense one"
+                    + "".join(f"; {w}: {v['rel_error']:+.1%}" for w, v in seen.items()),
                     flush=True,
                 )
     write_results(state, args)
+
+
+def _share(errors: list[float]) -> str:
+    return f"{sum(abs(e) <= 0.10 for e in errors) / len(errors):.0%}" if errors else "-"
 
 
 def _millions(n: int | None) -> str:
@@ -222,8 +283,11 @@ def write_results(state: dict, args) -> None:
     write_json(RESULTS / f"{args.results}.json", state)
     table_md = tabulate(summary, headers="keys", tablefmt="github")
     how = (
-        f"timed alternately with the dense model (5 windows of {iters} runs each), median "
-        "ratio times the dense model's median"
+        f"timed alternately with a reference (5 windows of {iters} runs each), median "
+        "ratio times the reference's median; the reference is an in-cache uniform network "
+        "for files under the cache knee (since session 17) and the dense model for the "
+        "rest; `dense_pairing_within_10pct`: every file against the dense model, with its "
+        "own calibration, in the same run"
         if args.timing == "paired"
         else f"middle of three windows of {iters} runs"
     )
@@ -246,7 +310,8 @@ def write_results(state: dict, args) -> None:
         f"variant measured twice, independently: `remeasured_within_10pct` is the share of "
         f"second measurements within 10% of the first, the ceiling for any predictor on this "
         f"machine. `middle_drift`: how far the middle calibration network, timed again "
-        f"after each variant, moved from its calibration timing (median, max); "
+        f"against the dense model after each variant, moved from its calibration timing "
+        f"(median, max); "
         f"`steady_within_10pct`: the predictor's share among the `steady` variants, those "
         f"measured while it held within {STEADY:.0%}. Table cost: 10 random variants from an "
         f"empty cache (cold) and again from "

@@ -48,7 +48,7 @@ from deeplsp.training import evaluate, short_budget, train
 from devices import DeviceSpec, resolve_device
 from export import export_onnx
 from profiling import target
-from profiling.counting import count_torch
+from profiling.counting import count_torch, layer_weights
 from profiling.latency_table import (
     Calibration,
     LatencyTable,
@@ -655,7 +655,14 @@ class Timing:
     """How this run times ONNX files on the device. With a `reference` (the dense model's
     ONNX file and its measured median), a file is timed alternately with it and its
     latency is the median ratio times `reference_ms`: the latency it has at the speed
-    the device ran the dense model at. Without, `REPEATS` windows of the file alone."""
+    the device ran the dense model at. Without, `REPEATS` windows of the file alone.
+
+    With an `in_cache` reference too (`InCache`: a network whose layer weights sit well
+    under the device's cache knee, timed against the dense one), a file whose weights fit
+    under the knee is timed against it instead: a neighbour's memory traffic evicts the
+    weights of a network past the knee and not of one under it, so only a reference on the
+    file's side of the knee moves with it (bench/README.md, cache_pressure: one busy step
+    slowed MobileNetV3-L's dense network 63%, its middle one 5%)."""
 
     device: DeviceSpec
     warmup: int
@@ -663,23 +670,91 @@ class Timing:
     reference: Path | None = None
     reference_ms: float | None = None
     rounds: int = 5
+    in_cache: InCache | None = None
 
     def time(self, path: Path, iters: int | None = None) -> dict:
         iters = iters or self.iters
         if self.reference is None:
             stats = target.measure(self.device, path, self.warmup, iters, REPEATS)
             return {"latency": stats.to_dict()}
-        rel = target.measure_relative(
-            self.device, path, self.reference, self.warmup, iters, self.rounds
-        )
-        ms = rel.ratio * self.reference_ms
+        ref, ref_ms, paired_with = self.reference, self.reference_ms, "dense"
+        if self.in_cache is not None and layer_weights(path) <= self.in_cache.free:
+            ref, ref_ms, paired_with = self.in_cache.path, self.in_cache.ms, "in-cache"
+        rel = target.measure_relative(self.device, path, ref, self.warmup, iters, self.rounds)
+        ms = rel.ratio * ref_ms
         return {
             "latency": rel.stats.scaled(ms / rel.stats.median).to_dict(),
             "as_timed": rel.stats.to_dict(),
-            "ratio_to_dense": rel.ratio,
-            "ratios": rel.ratios,
-            "dense_as_timed_ms": rel.reference.median,
+            "paired_with": paired_with,
+            "ratio": rel.ratio,
+            "ratio_to_dense": ms / self.reference_ms,
+            "reference_as_timed_ms": rel.reference.median,
         }
+
+
+@dataclass(frozen=True)
+class InCache:
+    """The second paired-timing reference (see `Timing`): its ONNX file, its latency at
+    the dense model's speed, and the device's free weights, under which a file is timed
+    against it."""
+
+    path: Path
+    ms: float
+    free: int
+    keeps: dict[str, int]
+    weights: int
+
+    def to_dict(self) -> dict:
+        return {"ms": self.ms, "free_weights": self.free, "weights": self.weights}
+
+
+def in_cache_keeps(
+    lat: LatencyModel, candidates: dict[str, list[int]], free: int | None
+) -> dict[str, int] | None:
+    """The largest uniform network (every group at the same place in its candidate list,
+    from the top) whose layer weights are at most half the device's free weights: well
+    under a knee that moved 2.7M -> 3.3M within an hour on a shared L3 (weight_spill).
+    None where there is no knee or the dense network's weights fit under it already (the
+    dense model is then a reference on every file's side)."""
+    if free is None:
+        return None
+    ordered = {g: sorted(c, reverse=True) for g, c in candidates.items()}
+    if lat.parts({g: c[0] for g, c in ordered.items()})[1] <= free:
+        return None
+    for i in range(1, max(len(c) for c in ordered.values())):
+        keeps = {g: c[min(i, len(c) - 1)] for g, c in ordered.items()}
+        if lat.parts(keeps)[1] <= free / 2:
+            return keeps
+    return None
+
+
+def with_in_cache(
+    timing: Timing,
+    lat: LatencyModel,
+    dense: nn.Module,
+    shape: tuple[int, ...],
+    candidates: dict[str, list[int]],
+    order: dict[str, list[int]] | None,
+    free: int | None,
+    path: Path,
+    log: Callable[[str], None],
+) -> Timing:
+    """`timing` (paired with the dense model) with an in-cache reference where the device
+    has a knee the dense network is past (`in_cache_keeps`), its latency timed three
+    times against the dense model (median); its ONNX file is kept at `path`."""
+    keeps = in_cache_keeps(lat, candidates, free)
+    if keeps is None or free is None:
+        return timing
+    net = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
+    meas = timed_thrice(measure_model(net, shape, timing, path), partial(timing.time, path))
+    ref = InCache(path, meas["latency"]["median"], free, keeps, lat.parts(keeps)[1])
+    log(
+        f"paired timing: files with at most {free:,} layer weights (the cache knee) are "
+        f"timed against a uniform network with {ref.weights:,} ({ref.ms:.3f} ms, "
+        f"{ref.ms / timing.reference_ms:.3f} x the dense model), the rest against the "
+        "dense model"
+    )
+    return replace(timing, in_cache=ref)
 
 
 def timed_thrice(first: dict, again: Callable[[], dict]) -> dict:
@@ -1044,6 +1119,20 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             else f"no cache knee on {device.name} within the probe's "
             f"{knee.chain[-1][1] / 1e6:.1f}M weights: every weight is charged"
         )
+        if cfg.timing == "paired":
+            timing = stages.run(
+                "measure",
+                with_in_cache,
+                timing,
+                lat,
+                dense,
+                shape,
+                candidates,
+                order,
+                knee.free,
+                work / "reference-in-cache.onnx",
+                log,
+            )
         full = {g.id: g.channels for g in groups}
         dense_sum = stages.run("latency table", lat.table_sum, full)
         # The knapsack chooses among the candidates it has sensitivities for; the
@@ -1239,6 +1328,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
             "mode": cfg.timing,
             "rounds": cfg.timing_rounds,
             "dense_ms": dense_ms,
+            "in_cache": timing.in_cache.to_dict() if timing.in_cache else None,
             "drift": drift,
         },
         "calibration": {
@@ -1583,10 +1673,15 @@ def _drift(
     speed moved during the run, as the latencies measured in it see it. In session 9's
     MobileNetV3-L benchmark that network's ratio to the dense model moved 0.43 -> 0.38
     between two runs, and one delivered model timed 0.426x in the search, 0.506x at the
-    end. None where the middle network is the dense one (no file kept)."""
+    end. Timed against the dense model even where files under the cache knee are timed
+    against an in-cache reference (`Timing`): a neighbour that evicts the dense model's
+    weights moves this ratio, and the check says so. None where the middle network is the
+    dense one (no file kept)."""
     if not middle_onnx.is_file():
         return None
-    again = stages.run("measure", timing.time, middle_onnx)["latency"]["median"]
+    # against the dense model: the middle network can be the in-cache reference itself
+    dense_paired = replace(timing, in_cache=None)
+    again = stages.run("measure", dense_paired.time, middle_onnx)["latency"]["median"]
     change = again / calibrated_ms - 1
     steady = abs(change) <= STEADY
     log(

@@ -187,6 +187,17 @@ def markdown(report: dict) -> str:
             ),
             "",
         ]
+        in_cache = timing.get("in_cache")
+        if in_cache:
+            lines += [
+                f"Files with at most {_count(in_cache['free_weights'])} layer weights (the "
+                "device's cache knee) were timed against a uniform pruned network with "
+                f"{_count(in_cache['weights'])} instead ({in_cache['ms']:.3f} ms at the dense "
+                "model's speed, the median of three): another process's memory traffic "
+                "evicts the weights of a network past the knee and not those of one under "
+                "it, so each file is compared with a reference that it shares that with.",
+                "",
+            ]
     drift = timing.get("drift")
     if drift:
         lines += [

@@ -178,3 +178,20 @@ def count_onnx(model: str | Path | onnx.ModelProto) -> ModelCost:
         if i.data_type in _FLOAT_TYPES and len(i.dims) > 0 and i.name not in running_stats
     )
     return ModelCost(macs=total // batch, params=int(params))
+
+
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def layer_weights(model: str | Path | onnx.ModelProto) -> int:
+    """Weight elements of an ONNX graph's convolutions and fully connected layers (their
+    second input, where it is stored): what the network reads from memory once per
+    inference, counted as `LayerSig.weights` counts a layer, so a file can be placed
+    against the device's cache knee (`profiling.weight_spill`) without its model."""
+    proto = _load(model)
+    init = {i.name: math.prod(i.dims) for i in proto.graph.initializer}
+    return sum(
+        init.get(node.input[1], 0)
+        for node in proto.graph.node
+        if node.op_type in _WEIGHTED_OPS and len(node.input) > 1
+    )

@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -264,6 +265,12 @@ def test_weights_cost_only_past_the_devices_cache(tmp_path, tiny, fashionmnist_d
     # the dense TinyNet (returned: the budget is above it) is past the knee, and says so
     assert probe["pruned"]["layer_weights"] > knee["free_weights"]
     assert "layer weights are past that knee" in md
+    # the dense model is past the knee: files under it are paired with a smaller reference
+    ref = probe["timing"]["in_cache"]
+    assert ref["free_weights"] == knee["free_weights"]
+    assert ref["weights"] <= knee["free_weights"] / 2
+    assert any(s.startswith("paired timing: files with at most") for s in lines)
+    assert "were timed against a uniform pruned network with" in md
     budget = 0.5 * _dense_ms(probe)
     r = prune(replace(cfg, budget_ms=budget), log=lambda s: None)
     assert r["pruned"]["latency_ms"]["median"] <= budget
@@ -695,6 +702,70 @@ def test_absolute_timing_times_each_file_alone(tmp_path, drifting, fashionmnist_
     assert len(windows) == 6 + distinct
     assert r["pruned"]["ratio_to_dense"] is None and r["timing"]["mode"] == "absolute"
     assert "alternately" not in (tmp_path / "run" / "report.md").read_text()
+
+
+def _conv_net(channels: int) -> nn.Module:
+    """A chain of two 3x3 convolutions: 18 x channels^2 layer weights."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3)
+    ).eval()
+
+
+def test_files_under_the_knee_are_timed_against_the_in_cache_reference(tmp_path, monkeypatch):
+    """A neighbour's memory traffic slows every file past the device's 4,000 free weights
+    by 60% (the dense one among them) and none under it. Paired with the dense model
+    alone, a small file reads 1/1.6 of its latency while the neighbour runs; paired with
+    a reference on its side of the knee, its figure holds, and so does a large file's
+    against the dense one."""
+    files = {}
+    for name, ch in (("dense", 32), ("reference", 8), ("small", 12), ("large", 24)):
+        files[name] = export_onnx(_conv_net(ch), (1, ch, 8, 8), tmp_path / f"{name}.onnx").path
+    weights = {n: prune_mod.layer_weights(p) for n, p in files.items()}
+    assert weights["small"] < 4000 < weights["large"]
+    true_ms = {n: 1e-4 * w for n, w in weights.items()}
+    busy = {"on": False}
+
+    def measure_many(device, paths, warmup, iters, repeats=1):
+        for path in paths:
+            name = next(n for n, p in files.items() if p == Path(path))
+            slowed = 1.6 if busy["on"] and weights[name] > 4000 else 1.0
+            yield _stats(true_ms[name] * slowed)
+
+    monkeypatch.setattr(prune_mod.target, "measure_many", measure_many)
+    dense_only = prune_mod.Timing(
+        get_device("cpu"), 1, 5, files["dense"], reference_ms=true_ms["dense"]
+    )
+    ref = prune_mod.InCache(files["reference"], true_ms["reference"], 4000, {}, 1152)
+    by_side = replace(dense_only, in_cache=ref)
+    for busy["on"] in (False, True):
+        small = by_side.time(files["small"])
+        assert small["paired_with"] == "in-cache"
+        assert small["latency"]["median"] == pytest.approx(true_ms["small"])
+        assert small["ratio_to_dense"] == pytest.approx(true_ms["small"] / true_ms["dense"])
+        large = by_side.time(files["large"])
+        assert large["paired_with"] == "dense"
+        assert large["latency"]["median"] == pytest.approx(true_ms["large"])
+        alone = dense_only.time(files["small"])
+        assert alone["paired_with"] == "dense"
+        read = alone["latency"]["median"] / true_ms["small"]
+        assert read == pytest.approx(1 / 1.6 if busy["on"] else 1.0)
+
+
+def test_the_in_cache_reference_is_the_largest_uniform_network_under_half_the_knee(tmp_path):
+    shape = (1, 1, 16, 16)
+    model = TinyNet(10, 1, 16).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+    table = LatencyTable(get_device("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(0.1))
+    lat = prune_mod.LatencyModel(model, shape, groups, table)
+    dense = lat.parts({g: max(c) for g, c in candidates.items()})[1]
+    assert prune_mod.in_cache_keeps(lat, candidates, None) is None  # no knee
+    assert prune_mod.in_cache_keeps(lat, candidates, dense) is None  # the dense one fits
+    uniform = [{g: sorted(c, reverse=True)[i] for g, c in candidates.items()} for i in range(4)]
+    w = [lat.parts(k)[1] for k in uniform]  # at keep ratios 1, 0.75, 0.5, 0.25
+    assert prune_mod.in_cache_keeps(lat, candidates, 2 * w[2]) == uniform[2]
+    assert prune_mod.in_cache_keeps(lat, candidates, 2 * w[2] - 1) == uniform[3]
+    assert prune_mod.in_cache_keeps(lat, candidates, 8) is None  # nothing fits under 4
 
 
 def test_unknown_timing_is_a_clear_error(tmp_path):

@@ -15,7 +15,7 @@ from torch import nn
 
 from deeplsp.errors import DeepLSPError
 from export import export_onnx
-from profiling.counting import ModelCost, count_onnx, count_torch
+from profiling.counting import ModelCost, count_onnx, count_torch, layer_weights
 from tests.tiny_models import TinyCNN
 
 
@@ -217,3 +217,8 @@ def test_count_onnx_of_export_matches_torch(tmp_path: Path, name: str) -> None:
         macs=torch_cost.macs, params=torch_cost.params - folded_bn_channels(model)
     )
     assert count_onnx(proto) == count_onnx(str(result.path))
+    # the layers' weights, as the latency model counts them: BatchNorm folding keeps them
+    layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    assert layer_weights(result.path) == sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, layers)
+    )
