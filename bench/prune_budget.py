@@ -51,11 +51,23 @@ from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.errors import DeepLSPError
 from deeplsp.pipeline import train_dense
-from deeplsp.pruner import PruneConfig, Timing, finetune, measure_model, prune
+from deeplsp.pruner import (
+    RATIOS,
+    LatencyModel,
+    PruneConfig,
+    Timing,
+    candidate_keeps,
+    finetune,
+    measure_model,
+    prune,
+    with_in_cache,
+)
 from deeplsp.structure import find_groups, prune_groups, round_channels
 from deeplsp.training import evaluate, short_budget
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
+from profiling.latency_table import LatencyTable
+from profiling.weight_spill import free_weights
 
 HERE = Path(__file__).parent
 SHAPE = (1, 1, 32, 32)
@@ -147,12 +159,34 @@ def dense_path(name: str, train_subset: int, epochs: int) -> Path:
     return HERE / "cache" / f"{name}-fashionmnist-{train_subset}-{epochs}.pt"
 
 
-def paired_timing(device, dense, onnx_path: Path, iters: int) -> tuple[Timing, float]:
-    """The pipeline's paired timing: the dense model exported to `onnx_path` and timed
-    once, then every file timed alternately with it. Returns (the timing, dense ms)."""
+def paired_timing(
+    device, dense, onnx_path: Path, iters: int, by_side: bool = False
+) -> tuple[Timing, float]:
+    """The dense model exported to `onnx_path` and timed once, then every file timed
+    alternately with it. Returns (the timing, dense ms). `by_side`: as the pipeline
+    times, files under the device's cache knee against an in-cache uniform network
+    instead (`with_in_cache`; the knee and table from bench/cache/latency.sqlite)."""
     timing = Timing(device, 10, iters)
     dense_ms = measure_model(dense, SHAPE, timing, onnx_path)["latency"]["median"]
-    return Timing(device, 10, iters, onnx_path, dense_ms), dense_ms
+    timing = Timing(device, 10, iters, onnx_path, dense_ms)
+    if by_side:
+        groups = find_groups(dense, SHAPE)
+        candidates = candidate_keeps(groups, RATIOS, device.channel_multiple)
+        with LatencyTable(device, HERE / "cache" / "latency.sqlite") as table:
+            lat = LatencyModel(dense, SHAPE, groups, table)
+            knee = free_weights(table)
+            timing = with_in_cache(
+                timing,
+                lat,
+                dense,
+                SHAPE,
+                candidates,
+                None,
+                knee.free,
+                onnx_path.with_name(f"{onnx_path.stem}-in-cache.onnx"),
+                print,
+            )
+    return timing, dense_ms
 
 
 def cached_dense(name: str, train_subset: int) -> torch.nn.Module:
@@ -264,7 +298,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
     for name in args.models.split(","):
         ckpt, dense = dense_checkpoint(name, args)
         dense_onnx = work / f"{name}-dense.onnx"
-        timing, dense_ms = paired_timing(device, dense, dense_onnx, args.iters)
+        timing, dense_ms = paired_timing(device, dense, dense_onnx, args.iters, by_side=True)
         dense_macs = count_torch(dense, SHAPE).macs
         multiple = device.channel_multiple  # every method's channel counts, aligned alike
         dense_top1 = evaluate(dense, test_loader, "cpu")["top1"]
