@@ -8,8 +8,9 @@ loss (`deeplsp.adaptive_bn`, the default selection's veto), and its adaptive-BN 
 after a short fine-tuning (one pass over `--short-images` training images, another draw
 than the fine-tuning's, as NetAdapt's short-term fine-tuning); then it gets prune_budget's
 fine-tuning and evaluation, once per `--seeds` seed (0: none). `--measure` also times each
-answer on the `cpu` device as the pipeline does (paired with the dense model), so families
-can be compared at equal measured latency. `--weight-costs` gives one family per
+answer on the `cpu` device as the pipeline does (paired with the dense model; since session
+17 by side of the cache knee, `deeplsp.pruner.Timing`), so families can be compared at equal
+measured latency. `--weight-costs` gives one family per
 weight cost (LatencyModel.weight_cost, which each DeepLSP run calibrates for itself): at
 equal size, do networks from different runs' families fine-tune alike? Same dense
 checkpoints and protocol as prune_budget.py (run that first: it trains and caches them).
@@ -113,7 +114,9 @@ def main() -> None:
     ):
         timing = None
         if args.measure:
-            timing, dense_ms = paired_timing(device, dense, Path(tmp) / "dense.onnx", args.iters)
+            timing, dense_ms = paired_timing(
+                device, dense, Path(tmp) / "dense.onnx", args.iters, by_side=True
+            )
         tables = cost_tables(sens, sc.scores, candidates, tuple(map(float, args.blends.split(","))))
         for weight_cost, (blend, costs) in itertools.product(
             map(float, args.weight_costs.split(",")), tables.items()
