@@ -630,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing",
         choices=("paired", "absolute"),  # deeplsp.pruner.TIMINGS (torch-free here)
         default="paired",
-        help="paired (default): time each candidate alternately with the dense model and "
-        "count their ratio, steady on a shared machine; absolute: each file on its own",
+        help="paired (default): time each candidate alternately with a reference and count "
+        "their ratio, steady on a shared machine (the dense model, or for candidates under "
+        "the device's cache knee an in-cache pruned network); absolute: each file on its own",
     )
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--out", type=Path, help="output folder (default runs/MODEL-DATASET-DEVICE)")

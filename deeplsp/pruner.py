@@ -403,14 +403,39 @@ def allocate_coupled(
 
     With free weights (`LatencyModel.free_weights`) the weight cost is not a cost per
     layer: a weight costs nothing while the network's weights fit the cache and
-    `weight_cost` past it. The knapsack charges every weight at that cost, an upper bound
-    again, which the stretching relaxes. Solving it also with weights priced at half and
-    nothing and keeping the least-loss answer picked, at ResNet-18's 30% budget, a network
-    that kept layer 4 wider and cut layer 3 to 32 channels, and fine-tuned to 66.6%
-    against 69.9% for the full price's (three seeds, bench/README.md, session 16).
+    `weight_cost` past it. The knapsack is solved first with weights free: where its
+    answer fits under the knee, the table alone is its true cost, and a network with
+    less loss would cost the table more than the budget whatever its weights, so that
+    answer stands. Otherwise the knapsack charges
+    every weight at the cost, an upper bound again, which the stretching relaxes. (Solving
+    it also with weights priced at half and nothing and keeping the least-loss answer
+    past the knee picked, at ResNet-18's 30% budget, a network that kept layer 4 wider and
+    cut layer 3 to 32 channels, and fine-tuned to 66.6% against 69.9% for the full
+    price's: three seeds, bench/README.md, session 16. Charging every weight where the
+    answer fits under the knee stripped MobileNetV3-L's classifier to 160 of 1280 channels
+    under a weight cost of 0.097 and fine-tuned to 57%: session 17.)
     """
+    if lat.free_weights is not None and lat.weight_cost > 0:
+        unpriced = copy.copy(lat)
+        unpriced.weight_cost = 0.0
+        keeps, loss = _allocate_coupled(lat, unpriced, candidates, sens, table_budget, steps)
+        if lat.parts(keeps)[1] <= lat.free_weights:
+            return keeps, loss
+    return _allocate_coupled(lat, lat, candidates, sens, table_budget, steps)
+
+
+def _allocate_coupled(
+    lat: LatencyModel,
+    priced: LatencyModel,
+    candidates: dict[str, list[int]],
+    sens: dict[str, dict[int, float]],
+    table_budget: float,
+    steps: int,
+) -> tuple[dict[str, int], float]:
+    """`allocate_coupled` with the knapsack's per-layer costs from `priced` and every
+    answer held to `lat`'s true sum."""
     full = {g: max(c) for g, c in candidates.items()}
-    per, base = lat.options(full, candidates)
+    per, base = priced.options(full, candidates)
     opts = {
         g: [Option(k, sens[g].get(k, 0.0), per[g][k]) for k in candidates[g]] for g in candidates
     }
@@ -687,6 +712,7 @@ class Timing:
             "as_timed": rel.stats.to_dict(),
             "paired_with": paired_with,
             "ratio": rel.ratio,
+            "ratios": rel.ratios,
             "ratio_to_dense": ms / self.reference_ms,
             "reference_as_timed_ms": rel.reference.median,
         }
@@ -701,7 +727,6 @@ class InCache:
     path: Path
     ms: float
     free: int
-    keeps: dict[str, int]
     weights: int
 
     def to_dict(self) -> dict:
@@ -747,7 +772,7 @@ def with_in_cache(
         return timing
     net = prune_groups(copy.deepcopy(dense), shape, keeps, order=order)
     meas = timed_thrice(measure_model(net, shape, timing, path), partial(timing.time, path))
-    ref = InCache(path, meas["latency"]["median"], free, keeps, lat.parts(keeps)[1])
+    ref = InCache(path, meas["latency"]["median"], free, lat.parts(keeps)[1])
     log(
         f"paired timing: files with at most {free:,} layer weights (the cache knee) are "
         f"timed against a uniform network with {ref.weights:,} ({ref.ms:.3f} ms, "

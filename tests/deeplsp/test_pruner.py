@@ -735,7 +735,7 @@ def test_files_under_the_knee_are_timed_against_the_in_cache_reference(tmp_path,
     dense_only = prune_mod.Timing(
         get_device("cpu"), 1, 5, files["dense"], reference_ms=true_ms["dense"]
     )
-    ref = prune_mod.InCache(files["reference"], true_ms["reference"], 4000, {}, 1152)
+    ref = prune_mod.InCache(files["reference"], true_ms["reference"], 4000, 1152)
     by_side = replace(dense_only, in_cache=ref)
     for busy["on"] in (False, True):
         small = by_side.time(files["small"])
@@ -848,26 +848,30 @@ def test_coupled_allocation_reaches_past_the_full_width_bound(tmp_path):
 
 
 def test_coupled_allocation_charges_every_weight_and_spends_what_the_free_ones_leave(tmp_path):
-    """Weights that cost only past the device's free ones are no cost per layer: the
-    knapsack charges every weight, an upper bound, and the stretching spends what the
-    free weights leave. Every answer fits the true sum and the more weights are free, the
-    less loss the answer has; with every weight free the charge still holds it above the
-    loss of a device whose weights cost nothing (chosen so: see allocate_coupled)."""
+    """Weights that cost only past the device's free ones are no cost per layer. Where
+    the knapsack's answer with weights free fits under the knee, it is the answer: the
+    table alone is its cost. Past it, the knapsack charges every weight, an upper bound,
+    and the stretching spends what the free weights leave. Every answer fits the true
+    sum, and the more weights are free, the less loss the answer has."""
     model, shape, groups, candidates, sens, table = _mac_knapsack(tmp_path)
     with table:
         lat = prune_mod.LatencyModel(model, shape, groups, table)
         full = {g: max(c) for g, c in candidates.items()}
         budget = 0.5 * lat.table_sum(full)
         free_of_cost = prune_mod.allocate_coupled(lat, candidates, sens, budget)
+        unpriced_weights = lat.parts(free_of_cost[0])[1]
         lat.weight_cost = 4 * budget / lat.parts(full)[1]
-        losses = []
-        for free in (0, 6000, 10**9):
+        answers = []
+        for free in (0, unpriced_weights // 2, unpriced_weights - 1, unpriced_weights, 10**9):
             lat.free_weights = free
             keeps, loss = prune_mod.allocate_coupled(lat, candidates, sens, budget)
             assert lat.table_sum(keeps) <= budget
-            losses.append(loss)
-        assert losses[0] > losses[1] >= losses[2]
-        assert losses[2] >= free_of_cost[1]
+            answers.append((keeps, loss))
+        losses = [loss for _, loss in answers]
+        assert losses[0] > losses[1] and losses == sorted(losses, reverse=True)
+        # one weight past the knee, the unpriced answer is not taken; at the knee it is
+        assert answers[2] != free_of_cost and losses[2] > free_of_cost[1]
+        assert answers[3] == answers[4] == free_of_cost
 
 
 def test_coupled_allocation_holds_the_budget_when_narrow_inputs_time_slower(tmp_path):
