@@ -170,8 +170,6 @@ def main() -> None:
             timing = Timing(device, 10, args.iters)
             dense_onnx = Path(tmp) / "dense.onnx"
             dense_ms = measure_model(model, shape, timing, dense_onnx)["latency"]["median"]
-            # the drift sentinel: the middle calibration network, timed again after each variant
-            middle = Path(tmp) / "middle.onnx"
             # Paired, as the pipeline times: files under the knee against an in-cache
             # reference (`with_in_cache`). Each variant is also timed against the dense
             # model alone, with its own calibration, in the same run (`dense_pairing`).
@@ -194,8 +192,10 @@ def main() -> None:
                 if ways[""].in_cache is not None:
                     ways["dense_pairing"] = dense_only
                     entry.setdefault("in_cache", ways[""].in_cache.to_dict())
-            # The drift sentinel is timed against the dense model: against an in-cache
-            # reference MobileNetV3-L's middle network is that reference, its ratio 1.
+            # The drift sentinel, the middle calibration network timed again after each
+            # variant, against the dense model: against an in-cache reference
+            # MobileNetV3-L's middle network is that reference, its ratio 1.
+            middle = Path(tmp) / "middle.onnx"
             sentinel = "dense_pairing" if "dense_pairing" in ways else ""
             fits = {}
             for way, t in ways.items():
