@@ -12,7 +12,9 @@ answer on the `cpu` device as the pipeline does (paired with the dense model; si
 17 by side of the cache knee, `deeplsp.pruner.Timing`), so families can be compared at equal
 measured latency. `--weight-costs` gives one family per
 weight cost (LatencyModel.weight_cost, which each DeepLSP run calibrates for itself): at
-equal size, do networks from different runs' families fine-tune alike? Same dense
+equal size, do networks from different runs' families fine-tune alike? `--context R`: the
+knapsack on the loss measured in context (`deeplsp.sensitivity.measure_in_context`, the
+pipeline's default since session 18) around the uniform network at ratio R. Same dense
 checkpoints and protocol as prune_budget.py (run that first: it trains and caches them).
 Writes bench/results/knapsack_family-MODEL.{json,md} (or `--results`).
 
@@ -52,10 +54,27 @@ from deeplsp.pruner import (
     scan,
     summed_loss,
 )
+from deeplsp.sensitivity import cached_in_context
 from deeplsp.structure import prune_groups
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
+
+
+def context_sensitivity(dense, sc, ratio: float, cfg) -> dict[str, dict[int, float]]:
+    """The pipeline's in-context table (`cached_in_context`, its images) around the uniform
+    network nearest `ratio`."""
+    context = {g: min(c, key=lambda k: abs(k - ratio * max(c))) for g, c in sc.candidates.items()}
+    return cached_in_context(
+        HERE / "cache",
+        dense,
+        sc.groups,
+        sc.order,
+        sc.candidates,
+        context,
+        *abn_batches(cfg, 2),
+        cfg.importance,
+    )[0]
 
 
 def main() -> None:
@@ -84,6 +103,13 @@ def main() -> None:
         help="knapsack cost tables (pruner.cost_tables; 1: the loss increase alone), one "
         "family each: the candidates adaptive-BN's veto chooses between",
     )
+    p.add_argument(
+        "--context",
+        type=float,
+        default=None,
+        help="knapsack on the sensitivity measured in context (sensitivity.measure_in_context) "
+        "with every other group at this uniform keep ratio, instead of the dense model's",
+    )
     p.add_argument("--measure", action="store_true", help="time each answer on the device")
     p.add_argument("--iters", type=int, default=50, help="timed runs per round (--measure)")
     p.add_argument("--results", default=None, help="file stem (default knapsack_family-MODEL)")
@@ -103,6 +129,8 @@ def main() -> None:
     sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
     groups, candidates, order, sens = sc.groups, sc.candidates, sc.order, sc.sens
     adapt, held = abn_batches(cfg)
+    if args.context is not None:
+        sens = context_sensitivity(dense, sc, args.context, cfg)
     test_loader = make_loader(
         load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
     )
@@ -176,7 +204,15 @@ def main() -> None:
         f"short fine-tuning: one pass over {args.short_images} images; top-1 after "
         f"{cfg.finetune_epochs} epoch(s) on {args.train_subset} images, the mean over "
         f"{args.seeds} seed(s), on {args.test_subset} test images; `weight_cost`: table ms per "
-        f"million weights added to the table sum (one family per value).\n\n"
+        f"million weights added to the table sum (one family per value). The knapsack's "
+        f"loss table: "
+        + (
+            f"in context, every other group at {args.context:g} of its channels "
+            "(`measure_in_context`; `summed_loss` is its sum)"
+            if args.context is not None
+            else "each group cut alone in the dense model"
+        )
+        + ".\n\n"
         + markdown_table(rows)
         + "\n",
     )

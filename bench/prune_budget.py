@@ -253,6 +253,12 @@ def main() -> None:
         help="DeepLSP's --selection values to run with the knapsack, each a row",
     )
     p.add_argument(
+        "--sensitivities",
+        default=PruneConfig.sensitivity,
+        help="DeepLSP's --sensitivity values to run with the knapsack, each a row (a value "
+        "other than the default is named in the row: 'dense sensitivity')",
+    )
+    p.add_argument(
         "--climbs",
         default=str(PruneConfig.climb),
         help="DeepLSP's --climb values to run, each a row (a value other than the "
@@ -284,17 +290,21 @@ def main() -> None:
         run(args, device, Path(tmp), rows, test_loader, batches)
 
 
-def variants(args) -> list[tuple[str, str, int]]:
-    """DeepLSP's (allocation, selection, climb) to run, each `--climbs` value with: the
-    knapsack with each asked selection, the threshold rule with its own (it has one
-    answer per budget)."""
+def variants(args) -> list[tuple[str, str, int, str]]:
+    """DeepLSP's (allocation, selection, climb, sensitivity) to run, each `--climbs` value
+    with: the knapsack with each asked selection and sensitivity, the threshold rule with
+    its own selection (it has one answer per budget; it reads no sensitivity)."""
     out = []
     for climb in map(int, args.climbs.split(",")):
         for allocation in args.allocations.split(","):
             if allocation == "knapsack":
-                out += [(allocation, s, climb) for s in args.selections.split(",")]
+                out += [
+                    (allocation, s, climb, sens)
+                    for s in args.selections.split(",")
+                    for sens in args.sensitivities.split(",")
+                ]
             else:
-                out.append((allocation, "sensitivity", climb))
+                out.append((allocation, "sensitivity", climb, PruneConfig.sensitivity))
     return out
 
 
@@ -322,11 +332,16 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                 threads=args.threads,
                 cache_dir=str(HERE / "cache"),
             )
-            for allocation, selection, climb in variants(args):
+            for allocation, selection, climb, sensitivity in variants(args):
                 method = (
                     f"DeepLSP {allocation}"
                     + (f" {selection}" if allocation == "knapsack" else "")
                     + (f" climb {climb}" if climb != PruneConfig.climb else "")
+                    + (
+                        f" {sensitivity} sensitivity"
+                        if sensitivity != PruneConfig.sensitivity
+                        else ""
+                    )
                 )
                 t0 = time.perf_counter()
                 # unfine-tuned: the bench fine-tunes it over the seeds, as it does the baselines
@@ -335,6 +350,7 @@ def run(args, device, work, rows, test_loader, batches) -> None:
                     allocation=allocation,
                     selection=selection,
                     climb=climb,
+                    sensitivity=sensitivity,
                     finetune_epochs=0,
                 )
                 try:

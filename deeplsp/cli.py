@@ -339,6 +339,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         latency_weight=args.latency_weight,
         importance=args.importance,
         selection=args.selection,
+        sensitivity=args.sensitivity,
         allocation=args.allocation,
         amount=args.amount,
         finetune_epochs=args.finetune_epochs,
@@ -569,6 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
         "knapsack's default), or after one short pass of distillation over --short-images "
         "training images and BatchNorm re-estimation (short-finetune); or the "
         "loss-increase knapsack's alone (sensitivity, the threshold rule's)",
+    )
+    pn.add_argument(
+        "--sensitivity",
+        choices=("context", "dense"),  # deeplsp.pruner.SENSITIVITIES (torch-free here)
+        default="context",
+        help="the knapsack's loss table: each group's loss after BatchNorm re-estimation "
+        "with every other group at the uniform network nearest the budget (context), or "
+        "each group cut alone in the dense model (dense; cheaper, blind to cuts the other "
+        "groups make up for) (default: %(default)s)",
     )
     pn.add_argument(
         "--allocation",

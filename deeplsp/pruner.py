@@ -32,7 +32,7 @@ from deeplsp.errors import DeepLSPError
 from deeplsp.masks import MaskHooks, Masks, apply_masks, magnitude_scores, masks_from_scores
 from deeplsp.methods import Method, Outcome, PruneJob, register
 from deeplsp.models import input_shape
-from deeplsp.sensitivity import cached_sensitivity
+from deeplsp.sensitivity import cached_in_context, cached_sensitivity
 from deeplsp.structure import (
     IMPORTANCES,
     ChannelGroup,
@@ -73,6 +73,7 @@ ALLOCATIONS = ("knapsack", "threshold")
 # Knapsack costs tried per search step under --selection adaptive-bn: the weight of the
 # measured loss increase against the share of the group's channel importance removed.
 BLENDS = (1.0, 0.75, 0.5, 0.25, 0.0)
+SENSITIVITIES = ("context", "dense")
 # Under --selection short-finetune, the blends whose answers are judged. At 25-28% of
 # MobileNetV3-L's latency blend 0's answers fine-tuned 12-15 points under the best
 # blend's yet read among the lowest losses after the short fine-tuning (bench/README.md,
@@ -114,6 +115,10 @@ class PruneConfig:
     calib_batch_size: int = 32
     ratios: tuple[float, ...] = RATIOS
     importance: str = "taylor"
+    # What the knapsack's loss table measures: "context", each group cut with every other
+    # group at the uniform network nearest the budget (adaptive-BN loss); "dense", each
+    # group cut alone in the dense model (sessions 1-17)
+    sensitivity: str = "context"
     # None: adaptive-bn for the knapsack (its answer stands unless adaptive-BN finds another
     # clearly better), sensitivity for the threshold rule (one answer per budget)
     selection: str | None = None
@@ -199,6 +204,11 @@ class PruneConfig:
             raise DeepLSPError(
                 f"--selection {self.selection} chooses among knapsack answers; use it with "
                 "--allocation knapsack"
+            )
+        if self.sensitivity not in SENSITIVITIES:
+            raise DeepLSPError(
+                f"--sensitivity must be one of {', '.join(SENSITIVITIES)} "
+                f"(got {self.sensitivity!r})"
             )
         if self.abn_images < 4:
             raise DeepLSPError(f"abn_images must be >= 4 (got {self.abn_images})")
@@ -1187,6 +1197,13 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         history: list[Candidate] = []
         chosen: Candidate | None = None
         status = ""
+        sensitivity = {"mode": "dense", "cached": sens_cached}
+        # (a budget below the smallest network is an error below, before any scan)
+        searching = cfg.keep_ratio is not None or small_ms <= cfg.budget_ms < dense_ms
+        if searching and cfg.sensitivity == "context" and threshold is None:
+            sens, sensitivity = stages.run(
+                "sensitivity", in_context, cfg, dense, sc, lat, calib, cache_dir, log
+            )
         if cfg.keep_ratio is not None:
             keeps, cost = allocate_channels(
                 groups, choices, sens, cfg.keep_ratio, lat, cfg.latency_weight, threshold
@@ -1365,6 +1382,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         "search": [c.to_dict() for c in history],
         "latency_table": {**table_stats, "new_rows": table_stats["rows"] - rows_before},
         "sensitivity_cached": sens_cached,
+        "sensitivity": sensitivity,
         "staircase": staircase,
         "engine": engine,
         "seconds": stages.seconds,
@@ -1449,12 +1467,13 @@ def _judging(
     return cost_tables(sens, scores, candidates, BLENDS), abn_batches(cfg), None
 
 
-def abn_batches(cfg: PruneConfig) -> tuple[list, list]:
-    """Training images for adaptive-BN evaluation (another draw than the sensitivity's):
+def abn_batches(cfg: PruneConfig, draw: int = 1) -> tuple[list, list]:
+    """Training images for adaptive-BN evaluation (another draw than the sensitivity's;
+    `draw` 2: the in-context sensitivity's, so the selection judges on other images):
     the first half re-estimates BatchNorm statistics, the second is scored; batches of
     at most 64, evenly sized (BatchNorm needs more than one value per channel)."""
     ((images, labels),) = calibration_batches(
-        cfg.dataset, cfg.data_dir, 1, cfg.abn_images, cfg.seed + 1
+        cfg.dataset, cfg.data_dir, 1, cfg.abn_images, cfg.seed + draw
     )
     if len(labels) < 4:
         raise DeepLSPError(
@@ -1470,12 +1489,69 @@ def abn_batches(cfg: PruneConfig) -> tuple[list, list]:
     return batches(images[:half], labels[:half]), batches(images[half:], labels[half:])
 
 
+def _band(cfg: PruneConfig) -> tuple[float, float, float]:
+    """(goal, floor, aim) in ms: a candidate is accepted at or below the goal and good
+    enough at or above the floor; the search aims at the middle, so noise either way stays
+    in."""
+    goal_ms = (1 - cfg.guard) * cfg.budget_ms
+    floor_ms = min(cfg.lower_slack * cfg.budget_ms, goal_ms)
+    return goal_ms, floor_ms, (goal_ms + floor_ms) / 2
+
+
+def in_context(
+    cfg: PruneConfig,
+    dense: nn.Module,
+    sc: Scan,
+    lat: LatencyModel,
+    calib: Calibration,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[dict[str, dict[int, float]], dict]:
+    """Step 3 again, around the network the budget asks for: the sensitivity measured with
+    every other group at the uniform network nearest it (`measure_in_context`), cached.
+    That network: the widest of `cfg.ratios` predicted within the search's aim, or the
+    ratio nearest `--keep-ratio`. Returns (the table, what the report says of it)."""
+
+    def uniform(r: float) -> dict[str, int]:
+        return {g: min(c, key=lambda k: abs(k - r * max(c))) for g, c in sc.candidates.items()}
+
+    ratios = sorted(set(cfg.ratios))
+    if cfg.keep_ratio is not None:
+        ratio = min(ratios, key=lambda r: abs(r - cfg.keep_ratio))
+    else:
+        aim_ms = _band(cfg)[2]
+        fits = [r for r in ratios if calib.predict(lat.table_sum(uniform(r))) <= aim_ms]
+        ratio = max(fits, default=ratios[0])
+    context = uniform(ratio)
+    predicted = calib.predict(lat.table_sum(context))
+    sens, cached = cached_in_context(
+        cache_dir,
+        dense,
+        sc.groups,
+        sc.order,
+        sc.candidates,
+        context,
+        *abn_batches(cfg, 2),
+        cfg.importance,
+    )
+    log(
+        f"sensitivity in context: every other group at {ratio:.0%} of its channels "
+        f"(predicted {predicted:.3f} ms){' (from cache)' if cached else ''}"
+    )
+    return sens, {
+        "mode": "context",
+        "ratio": ratio,
+        "predicted_ms": predicted,
+        "context": context,
+        "cached": cached,
+        "images": cfg.abn_images,
+    }
+
+
 def _closed_loop(cfg, shape, timing, lat, candidates, sens, calib, history, log, ends, selector):
     """Allocate against the calibrated table, measure the exported candidate, correct.
     `ends`: the measured latencies of the dense and of the smallest network."""
-    goal_ms = (1 - cfg.guard) * cfg.budget_ms  # accepted at or below
-    floor_ms = min(cfg.lower_slack * cfg.budget_ms, goal_ms)  # good enough at or above
-    aim_ms = (goal_ms + floor_ms) / 2  # the middle of the band, so noise either way stays in
+    goal_ms, floor_ms, aim_ms = _band(cfg)
     best: Candidate | None = None
     full = {g: max(c) for g, c in candidates.items()}
     smallest = {g: min(c) for g, c in candidates.items()}

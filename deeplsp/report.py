@@ -102,6 +102,21 @@ def markdown(report: dict) -> str:
         ),
         "",
     ]
+    sens = report.get("sensitivity") or {}
+    if sens.get("mode") == "context":
+        lines += [
+            f"Loss increase in context: each group's adaptive-BN loss (nats, on "
+            f"{sens['images'] // 2} held-out training images after BatchNorm re-estimation "
+            f"on as many) with every other group at {sens['ratio']:.0%} of its channels, "
+            f"the uniform network nearest the target (predicted {sens['predicted_ms']:.3f} "
+            f"ms), over the group at full width there.",
+            "",
+        ]
+    elif report["groups"] and report.get("sensitivity"):
+        lines += [
+            "Loss increase: each group cut alone in the dense model, on the calibration batches.",
+            "",
+        ]
     threshold = cfg.get("allocation") == "threshold"
     delivered = {g["id"]: g["keep"] for g in report["groups"]}
     lines += ["## Search (each candidate exported and measured on the device)", ""]

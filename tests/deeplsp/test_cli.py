@@ -193,7 +193,7 @@ def test_train_export_profile_chain(capsys, tmp_path, fashionmnist_dir):
 def test_prune_choices_match_the_pruner():
     """The CLI spells the pruner's choices out (it imports no torch); they must agree."""
     from deeplsp.cli import build_parser
-    from deeplsp.pruner import ALLOCATIONS, SELECTIONS, TIMINGS, PruneConfig
+    from deeplsp.pruner import ALLOCATIONS, SELECTIONS, SENSITIVITIES, TIMINGS, PruneConfig
     from deeplsp.structure import IMPORTANCES
 
     args = build_parser().parse_args(
@@ -207,6 +207,7 @@ def test_prune_choices_match_the_pruner():
         PruneConfig.allocation,
         PruneConfig.timing,
     )
+    assert args.sensitivity == PruneConfig.sensitivity
     prune = next(
         a
         for a in build_parser()._subparsers._group_actions[0].choices.values()
@@ -216,6 +217,7 @@ def test_prune_choices_match_the_pruner():
     assert set(choices["importance"]) == set(IMPORTANCES)
     assert set(choices["selection"]) == set(SELECTIONS)
     assert set(choices["allocation"]) == set(ALLOCATIONS)
+    assert set(choices["sensitivity"]) == set(SENSITIVITIES)
     assert set(choices["timing"]) == set(TIMINGS)
 
 

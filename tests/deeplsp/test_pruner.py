@@ -179,6 +179,9 @@ def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashion
     first = prune(cfg, log=lambda s: None)
     second = prune(cfg, log=lambda s: None)
     assert not first["sensitivity_cached"] and second["sensitivity_cached"]
+    # the knapsack's table, measured around the uniform network at the keep ratio, too
+    assert first["sensitivity"]["mode"] == "context" and first["sensitivity"]["ratio"] == 0.5
+    assert not first["sensitivity"]["cached"] and second["sensitivity"]["cached"]
     assert first["pruned"]["test_before_finetune"] is None  # no fine-tuning, nothing before
     assert first["latency_table"]["new_rows"] > 0 and second["latency_table"]["new_rows"] == 0
 
@@ -196,14 +199,19 @@ def test_taylor_importance_removes_the_channels_taylor_ranks_lowest(
     dense = load_checkpoint(out / "dense.pt").build_model().eval()
     shape = (1, 1, 32, 32)
     batches = calibration_batches("fashionmnist", fashionmnist_dir, 2, 16, 0)
-    first = find_groups(dense, shape)[0].id  # features.0: its conv weights show the choice
-    keep = {g["id"]: g["keep"] for g in r["groups"]}[first]
+    keeps = {g["id"]: g["keep"] for g in r["groups"]}
+    # the first group cut whose conv reads every input channel: its weights show the choice
+    first = next(g.id for g in find_groups(dense, shape) if keeps[g.id] < g.channels)
+    keep = keeps[first]
     taylor = removal_order(dense, shape, "taylor", batches)[first]
     l1 = removal_order(dense, shape, "l1")[first]
     kept = sorted(taylor[len(taylor) - keep :])
     assert kept != sorted(l1[len(l1) - keep :])  # the two criteria disagree here
     pruned = load_checkpoint(out / "pruned.pt").build_model()
-    torch.testing.assert_close(pruned.features[0].weight, dense.features[0].weight[kept])
+    conv = dict(pruned.named_modules())[first]
+    dense_conv = dict(dense.named_modules())[first]
+    assert conv.in_channels == dense_conv.in_channels
+    torch.testing.assert_close(conv.weight, dense_conv.weight[kept])
 
 
 def test_closed_loop_corrects_a_wrong_prediction(tmp_path, tiny, fashionmnist_dir):
@@ -484,6 +492,10 @@ def test_unstructured_zeros_survive_fine_tuning(tmp_path, tiny, fashionmnist_dir
         ({"budget_ms": 1.0, "amount": 1.0}, "amount"),
         ({"budget_ms": 1.0, "climb": -1}, r"climb must be >= 0 \(got -1\)"),
         ({"budget_ms": 1.0, "short_images": 0}, r"short_images must be >= 1 \(got 0\)"),
+        (
+            {"budget_ms": 1.0, "sensitivity": "joint"},
+            r"--sensitivity must be one of context, dense \(got 'joint'\)",
+        ),
         (
             {"budget_ms": 1.0, "allocation": "threshold", "selection": "short-finetune"},
             "--selection short-finetune chooses among knapsack answers",
@@ -1020,6 +1032,51 @@ def test_a_budget_run_with_sensitivity_selection_reads_no_adaptive_bn_loss(
     assert not any("adaptive-BN" in line for line in lines)
 
 
+@pytest.mark.parametrize("mode", ["context", "dense"])
+def test_the_knapsack_reads_the_loss_in_context_around_the_uniform_network_near_the_budget(
+    tmp_path, tiny, fashionmnist_dir, monkeypatch, mode
+):
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.5 * _dense_ms(probe)
+    seen = []
+
+    def fake_in_context(cache_dir, model, groups, order, candidates, context, adapt, held, imp):
+        # cutting the middle group costs everything in context, the others nothing
+        seen.append(dict(context))
+        return {
+            g: {k: (10.0 * (max(c) - k) if g == "features.3" else 0.0) for k in c}
+            for g, c in candidates.items()
+        }, False
+
+    monkeypatch.setattr(prune_mod, "cached_in_context", fake_in_context)
+    lines = []
+    cfg = _cfg(
+        tmp_path,
+        fashionmnist_dir,
+        budget_ms=budget,
+        finetune_epochs=0,
+        selection="sensitivity",
+        sensitivity=mode,
+    )
+    r = prune(cfg, log=lines.append)
+    keeps = {g["id"]: g["keep"] for g in r["groups"]}
+    if mode == "dense":
+        assert not seen and r["sensitivity"]["mode"] == "dense"
+        return
+    (context,) = seen
+    info = r["sensitivity"]
+    assert info["mode"] == "context" and info["ratio"] in cfg.ratios
+    # the uniform network at that ratio, predicted within the search's aim
+    assert context == info["context"]
+    assert {g["id"]: round(g["channels"] * info["ratio"]) for g in r["groups"]} == context
+    assert info["predicted_ms"] <= prune_mod._band(cfg)[2]
+    assert keeps["features.3"] == 32 and min(keeps.values()) < 32
+    assert any(line.startswith("sensitivity in context: every other group at") for line in lines)
+    assert "Loss increase in context" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_short_finetune_selection_scores_each_answer_after_its_short_training(
     disagreeing, monkeypatch
 ):
@@ -1113,6 +1170,7 @@ def costly(monkeypatch):
         return {g: {k: 1 - k / max(c) for k in c} for g, c in candidates.items()}, False
 
     monkeypatch.setattr(prune_mod, "cached_sensitivity", sensitivity)
+    monkeypatch.setattr(prune_mod, "cached_in_context", sensitivity)  # the same, in context
 
 
 def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
