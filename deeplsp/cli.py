@@ -574,11 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument(
         "--sensitivity",
         choices=("context", "dense"),  # deeplsp.pruner.SENSITIVITIES (torch-free here)
-        default="context",
-        help="the knapsack's loss table: each group's loss after BatchNorm re-estimation "
-        "with every other group at the uniform network nearest the budget (context), or "
-        "each group cut alone in the dense model (dense; cheaper, blind to cuts the other "
-        "groups make up for) (default: %(default)s)",
+        default="dense",
+        help="the knapsack's loss table: each group cut alone in the dense model (dense), "
+        "or each group's loss after BatchNorm re-estimation with every other group at the "
+        "uniform network nearest the budget (context: sees deep residual cuts that the "
+        "other groups make up for alone, but reads nothing where that network is near "
+        "chance; bench/README.md, session 18) (default: %(default)s)",
     )
     pn.add_argument(
         "--allocation",

@@ -115,10 +115,13 @@ class PruneConfig:
     calib_batch_size: int = 32
     ratios: tuple[float, ...] = RATIOS
     importance: str = "taylor"
-    # What the knapsack's loss table measures: "context", each group cut with every other
-    # group at the uniform network nearest the budget (adaptive-BN loss); "dense", each
-    # group cut alone in the dense model (sessions 1-17)
-    sensitivity: str = "context"
+    # What the knapsack's loss table measures: "dense", each group cut alone in the dense
+    # model; "context", each group cut with every other group at the uniform network
+    # nearest the budget (adaptive-BN loss). Context read ResNet-18's deep residual cuts
+    # (its knapsack family fine-tuned 5.5-11 points higher at 18-27% of the latency) but
+    # read nothing on MobileNetV3-L at 30%, whose context network is near chance: the
+    # classifier cut to 160 channels, 50.4% against 69.1% (bench/README.md, session 18)
+    sensitivity: str = "dense"
     # None: adaptive-bn for the knapsack (its answer stands unless adaptive-BN finds another
     # clearly better), sensitivity for the threshold rule (one answer per budget)
     selection: str | None = None

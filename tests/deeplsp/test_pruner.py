@@ -175,7 +175,7 @@ def test_budget_run_delivers_a_smaller_measured_model_and_all_outputs(
 
 
 def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashionmnist_dir):
-    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.6, finetune_epochs=0)
+    cfg = _cfg(tmp_path, fashionmnist_dir, keep_ratio=0.6, finetune_epochs=0, sensitivity="context")
     first = prune(cfg, log=lambda s: None)
     second = prune(cfg, log=lambda s: None)
     assert not first["sensitivity_cached"] and second["sensitivity_cached"]
