@@ -48,33 +48,18 @@ from deeplsp.pruner import (
     PruneConfig,
     abn_batches,
     allocate_coupled,
+    context_table,
     cost_tables,
     distil,
     measure_model,
     scan,
     summed_loss,
+    uniform_keeps,
 )
-from deeplsp.sensitivity import cached_in_context
 from deeplsp.structure import prune_groups
 from devices import fingerprint, get_device
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
-
-
-def context_sensitivity(dense, sc, ratio: float, cfg) -> dict[str, dict[int, float]]:
-    """The pipeline's in-context table (`cached_in_context`, its images) around the uniform
-    network nearest `ratio`."""
-    context = {g: min(c, key=lambda k: abs(k - ratio * max(c))) for g, c in sc.candidates.items()}
-    return cached_in_context(
-        HERE / "cache",
-        dense,
-        sc.groups,
-        sc.order,
-        sc.candidates,
-        context,
-        *abn_batches(cfg, 2),
-        cfg.importance,
-    )[0]
 
 
 def main() -> None:
@@ -130,7 +115,8 @@ def main() -> None:
     groups, candidates, order, sens = sc.groups, sc.candidates, sc.order, sc.sens
     adapt, held = abn_batches(cfg)
     if args.context is not None:
-        sens = context_sensitivity(dense, sc, args.context, cfg)
+        around = uniform_keeps(sc.candidates, args.context)
+        sens = context_table(cfg, dense, sc, around, HERE / "cache")[0]
     test_loader = make_loader(
         load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
     )

@@ -1501,6 +1501,28 @@ def _band(cfg: PruneConfig) -> tuple[float, float, float]:
     return goal_ms, floor_ms, (goal_ms + floor_ms) / 2
 
 
+def uniform_keeps(candidates: dict[str, list[int]], ratio: float) -> dict[str, int]:
+    """Every group at its candidate count nearest `ratio` of its channels."""
+    return {g: min(c, key=lambda k: abs(k - ratio * max(c))) for g, c in candidates.items()}
+
+
+def context_table(
+    cfg: PruneConfig, dense: nn.Module, sc: Scan, context: dict[str, int], cache_dir: Path
+) -> tuple[dict[str, dict[int, float]], bool]:
+    """`cached_in_context` around `context`, on its own draw of training images (the
+    selection judges on others)."""
+    return cached_in_context(
+        cache_dir,
+        dense,
+        sc.groups,
+        sc.order,
+        sc.candidates,
+        context,
+        *abn_batches(cfg, 2),
+        cfg.importance,
+    )
+
+
 def in_context(
     cfg: PruneConfig,
     dense: nn.Module,
@@ -1514,29 +1536,20 @@ def in_context(
     every other group at the uniform network nearest it (`measure_in_context`), cached.
     That network: the widest of `cfg.ratios` predicted within the search's aim, or the
     ratio nearest `--keep-ratio`. Returns (the table, what the report says of it)."""
-
-    def uniform(r: float) -> dict[str, int]:
-        return {g: min(c, key=lambda k: abs(k - r * max(c))) for g, c in sc.candidates.items()}
-
     ratios = sorted(set(cfg.ratios))
     if cfg.keep_ratio is not None:
         ratio = min(ratios, key=lambda r: abs(r - cfg.keep_ratio))
     else:
         aim_ms = _band(cfg)[2]
-        fits = [r for r in ratios if calib.predict(lat.table_sum(uniform(r))) <= aim_ms]
+        fits = [
+            r
+            for r in ratios
+            if calib.predict(lat.table_sum(uniform_keeps(sc.candidates, r))) <= aim_ms
+        ]
         ratio = max(fits, default=ratios[0])
-    context = uniform(ratio)
+    context = uniform_keeps(sc.candidates, ratio)
     predicted = calib.predict(lat.table_sum(context))
-    sens, cached = cached_in_context(
-        cache_dir,
-        dense,
-        sc.groups,
-        sc.order,
-        sc.candidates,
-        context,
-        *abn_batches(cfg, 2),
-        cfg.importance,
-    )
+    sens, cached = context_table(cfg, dense, sc, context, cache_dir)
     log(
         f"sensitivity in context: every other group at {ratio:.0%} of its channels "
         f"(predicted {predicted:.3f} ms){' (from cache)' if cached else ''}"
