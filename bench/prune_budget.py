@@ -256,7 +256,7 @@ def main() -> None:
         "--sensitivities",
         default=PruneConfig.sensitivity,
         help="DeepLSP's --sensitivity values to run with the knapsack, each a row (a value "
-        "other than the default is named in the row: 'dense sensitivity')",
+        "other than the default is named in the row: 'context sensitivity')",
     )
     p.add_argument(
         "--climbs",
