@@ -8,6 +8,9 @@ them does to every layer downstream. No model copy and no re-tracing per
 candidate, so a full scan costs one forward pass of the calibration batches per
 (group, candidate).
 
+`measure_in_context` reads the same cuts inside another network (every other group cut
+to a context, BatchNorm re-estimated): `--sensitivity context`.
+
 Results are cached on disk, keyed by the weights, the calibration data and the
 candidates, so a second run does not recompute them.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json
 from deeplsp.structure import ChannelGroup
 from deeplsp.training import progress
@@ -119,8 +123,6 @@ def context_losses(
     """Adaptive-BN loss (`adaptive_bn.adapted_loss`) per group and keep count, with every
     other group cut to `context`: what removing those channels and re-estimating BatchNorm
     would read, without a model copy per candidate but the one adaptation makes."""
-    from deeplsp.adaptive_bn import adapted_loss
-
     model.eval()
     cuts = _Cuts(model, order)
     losses: dict[str, dict[int, float]] = {g.id: {} for g in groups}
