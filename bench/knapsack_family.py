@@ -14,7 +14,7 @@ measured latency. `--weight-costs` gives one family per
 weight cost (LatencyModel.weight_cost, which each DeepLSP run calibrates for itself): at
 equal size, do networks from different runs' families fine-tune alike? `--context R`: the
 knapsack on the loss measured in context (`deeplsp.sensitivity.measure_in_context`, the
-pipeline's default since session 18) around the uniform network at ratio R. Same dense
+pipeline's `--sensitivity context`) around the uniform network at ratio R. Same dense
 checkpoints and protocol as prune_budget.py (run that first: it trains and caches them).
 Writes bench/results/knapsack_family-MODEL.{json,md} (or `--results`).
 

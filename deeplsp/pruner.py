@@ -1536,28 +1536,23 @@ def in_context(
     every other group at the uniform network nearest it (`measure_in_context`), cached.
     That network: the widest of `cfg.ratios` predicted within the search's aim, or the
     ratio nearest `--keep-ratio`. Returns (the table, what the report says of it)."""
-    ratios = sorted(set(cfg.ratios))
+    uniform = {r: uniform_keeps(sc.candidates, r) for r in sorted(set(cfg.ratios))}
+    predicted = {r: calib.predict(lat.table_sum(keeps)) for r, keeps in uniform.items()}
     if cfg.keep_ratio is not None:
-        ratio = min(ratios, key=lambda r: abs(r - cfg.keep_ratio))
+        ratio = min(uniform, key=lambda r: abs(r - cfg.keep_ratio))
     else:
         aim_ms = _band(cfg)[2]
-        fits = [
-            r
-            for r in ratios
-            if calib.predict(lat.table_sum(uniform_keeps(sc.candidates, r))) <= aim_ms
-        ]
-        ratio = max(fits, default=ratios[0])
-    context = uniform_keeps(sc.candidates, ratio)
-    predicted = calib.predict(lat.table_sum(context))
+        ratio = max((r for r, ms in predicted.items() if ms <= aim_ms), default=min(uniform))
+    context = uniform[ratio]
     sens, cached = context_table(cfg, dense, sc, context, cache_dir)
     log(
         f"sensitivity in context: every other group at {ratio:.0%} of its channels "
-        f"(predicted {predicted:.3f} ms){' (from cache)' if cached else ''}"
+        f"(predicted {predicted[ratio]:.3f} ms){' (from cache)' if cached else ''}"
     )
     return sens, {
         "mode": "context",
         "ratio": ratio,
-        "predicted_ms": predicted,
+        "predicted_ms": predicted[ratio],
         "context": context,
         "cached": cached,
         "images": cfg.abn_images,
