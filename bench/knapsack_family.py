@@ -32,9 +32,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from prune_budget import (
+    DENSE_EPOCHS,
     HERE,
     SHAPE,
-    cached_dense,
+    dense_path,
     finetune_over_seeds,
     markdown_table,
     paired_timing,
@@ -42,15 +43,18 @@ from prune_budget import (
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
+from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.pruner import (
     LatencyModel,
     PruneConfig,
     abn_batches,
     allocate_coupled,
+    allocate_threshold,
     context_table,
     cost_tables,
     distil,
+    every_multiple,
     measure_model,
     scan,
     summed_loss,
@@ -70,6 +74,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--short-images", type=int, default=512)
     p.add_argument("--train-subset", type=int, default=2000)
+    p.add_argument(
+        "--dense-epochs", type=int, help="the cached dense model's (default: prune_budget's)"
+    )
     p.add_argument("--test-subset", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="the latency table's device threads")
     p.add_argument(
@@ -95,13 +102,20 @@ def main() -> None:
         help="knapsack on the sensitivity measured in context (sensitivity.measure_in_context) "
         "with every other group at this uniform keep ratio, instead of the dense model's",
     )
+    p.add_argument(
+        "--threshold",
+        action="store_true",
+        help="also the threshold rule's answer (--allocation threshold) at each table budget, "
+        "as blend 'threshold'",
+    )
     p.add_argument("--measure", action="store_true", help="time each answer on the device")
     p.add_argument("--iters", type=int, default=50, help="timed runs per round (--measure)")
     p.add_argument("--results", default=None, help="file stem (default knapsack_family-MODEL)")
     args = p.parse_args()
 
     name = args.model
-    dense = cached_dense(name, args.train_subset)
+    epochs = args.dense_epochs or DENSE_EPOCHS[name]
+    dense = load_checkpoint(dense_path(name, args.train_subset, epochs)).build_model().eval()
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(  # DeepLSP's defaults: its calibration draws and fine-tuning settings
         model=name,
@@ -131,7 +145,11 @@ def main() -> None:
             timing, dense_ms = paired_timing(
                 device, dense, Path(tmp) / "dense.onnx", args.iters, by_side=True
             )
-        tables = cost_tables(sens, sc.scores, candidates, tuple(map(float, args.blends.split(","))))
+        tables: dict = cost_tables(
+            sens, sc.mass, candidates, tuple(map(float, args.blends.split(",")))
+        )
+        if args.threshold:
+            tables["threshold"] = None
         for weight_cost, (blend, costs) in itertools.product(
             map(float, args.weight_costs.split(",")), tables.items()
         ):
@@ -139,7 +157,14 @@ def main() -> None:
             dense_sum = lat.table_sum({g.id: g.channels for g in groups})
             for i in range(args.steps):
                 frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
-                keeps, _ = allocate_coupled(lat, candidates, costs, frac * dense_sum)
+                if costs is None:
+                    keeps = allocate_threshold(
+                        every_multiple(groups, device.channel_multiple),
+                        sc.scores,
+                        lambda k, b=frac * dense_sum, lat=lat: lat.table_sum(k) <= b,
+                    )
+                else:
+                    keeps, _ = allocate_coupled(lat, candidates, costs, frac * dense_sum)
                 key = tuple(sorted(keeps.items()))
                 if key in seen:
                     continue
@@ -169,7 +194,8 @@ def main() -> None:
                         "groups_at_quarter_or_less": sum(
                             keeps[g.id] <= g.channels // 4 for g in groups
                         ),
-                        "summed_loss": round(summed_loss(sens, keeps), 2),
+                        # (the threshold rule's counts are mostly not scanned)
+                        "summed_loss": "-" if costs is None else round(summed_loss(sens, keeps), 2),
                         "adaptive_bn_loss": round(adapted_loss(net, adapt, held), 3),
                         "after_short_finetune": round(adapted_loss(short, adapt, held), 3),
                         **(fine_tuned or {}),

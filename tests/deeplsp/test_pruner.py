@@ -1122,6 +1122,84 @@ def test_a_budget_run_with_short_finetune_selection_reports_its_losses(
     assert "loss after short fine-tune" in md and "adaptive-BN loss |" not in md
 
 
+def test_the_knapsack_costs_channels_by_importance_not_normalised_per_group(
+    tmp_path, tiny, fashionmnist_dir, monkeypatch
+):
+    """The blends' importance is `Scan.mass` (first-order loss estimates on one scale
+    across groups); the normalised scores, each group averaging 1, still order channels."""
+    seen = []
+    real_tables, real_scan = prune_mod.cost_tables, prune_mod.scan
+    scans = []
+
+    def spy_tables(sens, mass, candidates, blends):
+        seen.append(mass)
+        return real_tables(sens, mass, candidates, blends)
+
+    def spy_scan(*a, **kw):
+        scans.append(real_scan(*a, **kw))
+        return scans[-1]
+
+    monkeypatch.setattr(prune_mod, "cost_tables", spy_tables)
+    monkeypatch.setattr(prune_mod, "scan", spy_scan)
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    assert not seen  # no search above the dense latency
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=0.5 * _dense_ms(probe), finetune_epochs=0)
+    prune(cfg, log=lambda s: None)
+    (mass,) = seen
+    sc = scans[-1]
+    assert mass is sc.mass and set(mass) == set(sc.scores)
+    for g, m in mass.items():
+        torch.testing.assert_close(sc.scores[g], m / m.mean())
+    means = [float(m.mean()) for m in mass.values()]
+    assert max(means) > 1.5 * min(means)  # not each group's own scale
+
+
+def test_importance_selection_runs_the_knapsack_on_the_importance_removed_alone(
+    tmp_path, tiny, fashionmnist_dir, monkeypatch
+):
+    """--selection importance: one knapsack, on blend 0's table (HALP's objective), no
+    adaptive-BN images read; candidates compare and report by the importance removed."""
+    allocated = []
+    real = prune_mod.allocate_coupled
+
+    def spy(lat, candidates, table, budget, *a, **kw):
+        allocated.append(table)
+        return real(lat, candidates, table, budget, *a, **kw)
+
+    made = []
+    real_tables = prune_mod.cost_tables
+
+    def spy_tables(sens, mass, candidates, blends):
+        made.append((blends, real_tables(sens, mass, candidates, blends)))
+        return made[-1][1]
+
+    monkeypatch.setattr(prune_mod, "allocate_coupled", spy)
+    monkeypatch.setattr(prune_mod, "cost_tables", spy_tables)
+    monkeypatch.setattr(prune_mod, "abn_batches", lambda *a, **kw: pytest.fail("read ABN"))
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.5 * _dense_ms(probe)
+    cfg = _cfg(
+        tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, selection="importance"
+    )
+    r = prune(cfg, log=lambda s: None)
+    assert r["pruned"]["latency_ms"]["median"] <= budget
+    assert allocated and all(t is allocated[0] for t in allocated)  # one table throughout
+    ((blends, tables),) = made
+    assert blends == (0.0,) and allocated[0] is tables[0.0]
+    table = allocated[0]
+    for c in r["search"]:
+        assert c["score"] is None
+        assert c["cost"] == pytest.approx(prune_mod.summed_loss(table, c["keeps"]))
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "importance removed" in md and "| loss increase" not in md
+    with pytest.raises(DeepLSPError, match="importance"):
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, selection="importnce")
+
+
 def test_cost_tables_blend_loss_with_removed_importance():
     sens = {"a": {4: 2.0, 2: 6.0}, "b": {4: 0.0, 2: 2.0}}
     scores = {"a": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([0.1, 0.3, 1.6, 2.0])}
