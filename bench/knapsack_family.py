@@ -146,7 +146,7 @@ def main() -> None:
                 device, dense, Path(tmp) / "dense.onnx", args.iters, by_side=True
             )
         tables: dict = cost_tables(
-            sens, sc.mass, candidates, tuple(map(float, args.blends.split(",")))
+            sens, sc.scores, candidates, tuple(map(float, args.blends.split(",")))
         )
         if args.threshold:
             tables["threshold"] = None

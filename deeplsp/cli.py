@@ -562,16 +562,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pn.add_argument(
         "--selection",
-        choices=("sensitivity", "adaptive-bn", "short-finetune", "importance"),  # SELECTIONS
+        choices=("sensitivity", "adaptive-bn", "short-finetune"),  # pruner.SELECTIONS
         default=None,
         help="which knapsack answer to measure: the loss-increase knapsack's unless, among "
         "the knapsack's answers under blends of loss increase and removed importance, one "
         "has a clearly lower loss after BatchNorm re-estimation (adaptive-bn, the "
         "knapsack's default), or after one short pass of distillation over --short-images "
         "training images and BatchNorm re-estimation (short-finetune); or the "
-        "loss-increase knapsack's alone (sensitivity, the threshold rule's), or the "
-        "knapsack's on the channel importance removed alone (importance: with Taylor, "
-        "HALP's first-order loss estimates)",
+        "loss-increase knapsack's alone (sensitivity, the threshold rule's)",
     )
     pn.add_argument(
         "--sensitivity",

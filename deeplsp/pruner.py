@@ -68,7 +68,7 @@ RANDOM_NETWORKS = 3  # calibration networks with random per-group counts
 # device that slows down evenly, not one that slows small and large networks unequally.
 STEADY = 0.05
 TIMINGS = ("paired", "absolute")
-SELECTIONS = ("sensitivity", "adaptive-bn", "short-finetune", "importance")
+SELECTIONS = ("sensitivity", "adaptive-bn", "short-finetune")
 ALLOCATIONS = ("knapsack", "threshold")
 # Knapsack costs tried per search step under --selection adaptive-bn: the weight of the
 # measured loss increase against the share of the group's channel importance removed.
@@ -530,24 +530,21 @@ def allocate_threshold(
 
 def cost_tables(
     sens: dict[str, dict[int, float]],
-    mass: dict[str, torch.Tensor],
+    scores: dict[str, torch.Tensor],
     candidates: dict[str, list[int]],
     blends: tuple[float, ...] = BLENDS,
 ) -> dict[float, dict[str, dict[int, float]]]:
     """Knapsack costs per blend b: b x the measured loss increase + (1 - b) x the group's
-    channel importance removed (`Scan.mass`, lowest first), each divided by its total over
-    groups. Loss measured one group at a time adds up badly at deep pruning (a
-    MobileNetV3-L network at 30% of the latency summed 11 nats of loss increase); the
-    importance spreads the cuts.
-
-    The importance is not normalised per group (`channel_scores(normalize=False)`: with
-    Taylor, first-order loss estimates, HALP's values). Normalised, every group's channels
-    average 1, so a wide group weighs its width and a narrow one little: at 30% of
-    ResNet-18's latency the knapsack then cut the stem's stream to 16 of 64 channels and
-    layer 2's to 16 of 128 and kept layer 4's convolutions whole, and fine-tuned to 70.9%
-    against global Taylor's 75.8% (bench/README.md, session 18)."""
-    removed = {
-        g: {k: float(torch.sort(mass[g]).values[: max(c) - k].sum()) for k in c}
+    channel importance removed (`channel_scores`, lowest first), each divided by its
+    total over groups. Loss measured one group at a time adds up badly at deep pruning
+    (a MobileNetV3-L network at 30% of the latency summed 11 nats of loss increase); the
+    importance mass spreads the cuts the way global Taylor pruning does. The importance
+    is global pruning's (each group divided by its mean), not Taylor's first-order loss
+    estimate summed over the group (HALP's values): with that, ResNet-18's knapsack at 30%
+    of its latency cut layer 4's residual stream to 64 of 512 and fine-tuned to 63.2% alone,
+    60.4% under the veto, against global Taylor's 74.9% (bench/README.md, session 19)."""
+    mass = {
+        g: {k: float(torch.sort(scores[g]).values[: max(c) - k].sum()) for k in c}
         for g, c in candidates.items()
     }
     loss = {g: {k: sens[g].get(k, 0.0) for k in c} for g, c in candidates.items()}
@@ -555,10 +552,10 @@ def cost_tables(
     def total(table: dict[str, dict[int, float]]) -> float:
         return sum(max(t.values()) for t in table.values()) or 1.0
 
-    tl, tm = total(loss), total(removed)
+    tl, tm = total(loss), total(mass)
     return {
         b: {
-            g: {k: b * loss[g][k] / tl + (1 - b) * removed[g][k] / tm for k in c}
+            g: {k: b * loss[g][k] / tl + (1 - b) * mass[g][k] / tm for k in c}
             for g, c in candidates.items()
         }
         for b in blends
@@ -569,10 +566,7 @@ class Selector:
     """Which knapsack answer the search measures, and how measured networks compare.
 
     ``--selection sensitivity``: the knapsack on the measured loss increase alone;
-    networks compare by their summed loss increase. ``importance``: the knapsack on the
-    channel importance removed alone (blend 0 of `cost_tables`; with Taylor importance,
-    the first-order loss estimate HALP's knapsack maximises, Shen et al., NeurIPS 2022);
-    networks compare by it. ``adaptive-bn`` (the knapsack's
+    networks compare by their summed loss increase. ``adaptive-bn`` (the knapsack's
     default): the knapsack under each of `BLENDS`' cost tables, each distinct answer
     judged by its adaptive-BN loss (`deeplsp.adaptive_bn`, EagleEye's ranking). The
     loss-increase table's answer is measured unless others are clearly lower
@@ -596,14 +590,14 @@ class Selector:
         order: dict[str, list[int]],
         lat: LatencyModel,
         candidates: dict[str, list[int]],
-        objective: dict[str, dict[int, float]],
+        sens: dict[str, dict[int, float]],
         tables: dict[float, dict[str, dict[int, float]]],
         abn_data: tuple[list, list] | None,
         threshold: dict[str, torch.Tensor] | None = None,
         short: Callable[[nn.Module], object] | None = None,
     ) -> None:
         self.dense, self.shape, self.order = dense, shape, order
-        self.lat, self.candidates, self.objective = lat, candidates, objective
+        self.lat, self.candidates, self.sens = lat, candidates, sens
         self.tables, self.abn_data, self.threshold = tables, abn_data, threshold
         self.short = short
         self._losses: dict[tuple, torch.Tensor] = {}
@@ -612,12 +606,11 @@ class Selector:
         return prune_groups(copy.deepcopy(self.dense), self.shape, keeps, order=self.order)
 
     def cost(self, keeps: dict[str, int]) -> float:
-        """The allocation's own objective: summed loss increase (`objective`: under
-        ``--selection importance`` the importance removed), or, for the threshold rule, the
-        importance removed."""
+        """The allocation's own objective: summed loss increase, or, for the threshold
+        rule, the importance removed."""
         if self.threshold is not None:
             return removed_importance(self.threshold, keeps)
-        return summed_loss(self.objective, keeps)
+        return summed_loss(self.sens, keeps)
 
     def adapted(self, keeps: dict[str, int]) -> float | None:
         """The network's adaptive-BN loss; None under ``--selection sensitivity``."""
@@ -1037,8 +1030,7 @@ class Scan:
 
     groups: list[ChannelGroup]
     candidates: dict[str, list[int]]  # per group, the channel counts scanned
-    scores: dict[str, torch.Tensor]  # per group, each channel's importance / group mean
-    mass: dict[str, torch.Tensor]  # the same not normalised: one scale across groups
+    scores: dict[str, torch.Tensor]  # per group, each channel's importance
     order: dict[str, list[int]]  # per group, channels from least to most important
     sens: dict[str, dict[int, float]]  # per group and count, the loss increase
     cached: bool  # whether `sens` came from the cache
@@ -1055,13 +1047,12 @@ def scan(
     batches = calibration_batches(
         cfg.dataset, cfg.data_dir, cfg.calib_batches, cfg.calib_batch_size, cfg.seed
     )
-    mass = channel_scores(dense, shape, cfg.importance, batches, normalize=False)
-    scores = {g: m / m.mean() for g, m in mass.items()}  # channel_scores' normalised scale
+    scores = channel_scores(dense, shape, cfg.importance, batches)
     order = order_of(scores)
     sens, cached = cached_sensitivity(
         cache_dir, dense, groups, order, candidates, batches, cfg.importance
     )
-    return Scan(groups, candidates, scores, mass, order, sens, cached)
+    return Scan(groups, candidates, scores, order, sens, cached)
 
 
 def prune(cfg: PruneConfig, log: Callable[[str], None] = print) -> dict:
@@ -1256,7 +1247,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                     f"{small_ms:.3f} ms measured with every group at its smallest candidate "
                     f"({smallest}) on {device.name}"
                 )
-            objective, tables, abn_data, short = _judging(cfg, dense, sens, sc.mass, candidates)
+            tables, abn_data, short = _judging(cfg, dense, sens, scores, candidates)
             chosen, status = stages.run(
                 "search",
                 _closed_loop,
@@ -1265,7 +1256,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                 timing,
                 lat,
                 choices,
-                objective,
+                sens,
                 calib,
                 history,
                 log,
@@ -1276,7 +1267,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
                     order,
                     lat,
                     choices,
-                    objective,
+                    sens,
                     tables,
                     abn_data,
                     threshold,
@@ -1470,21 +1461,17 @@ def _judging(
     cfg: PruneConfig,
     dense: nn.Module,
     sens: dict[str, dict[int, float]],
-    mass: dict[str, torch.Tensor],
+    scores: dict[str, torch.Tensor],
     candidates: dict[str, list[int]],
 ) -> tuple:
-    """What `Selector` judges knapsack answers with under `cfg.selection`: the objective
-    measured networks compare by, its cost tables, its adaptive-BN images (None: none
-    read), its short fine-tuning (None: none)."""
+    """What `Selector` judges knapsack answers with under `cfg.selection`: its cost tables,
+    its adaptive-BN images (None: none read), its short fine-tuning (None: none)."""
     if cfg.selection == "sensitivity":
-        return sens, {1.0: sens}, None, None
-    if cfg.selection == "importance":
-        tables = cost_tables(sens, mass, candidates, (0.0,))
-        return tables[0.0], tables, None, None
+        return {1.0: sens}, None, None
     if cfg.selection == "short-finetune":
-        tables = cost_tables(sens, mass, candidates, SHORT_FINETUNE_BLENDS)
-        return sens, tables, abn_batches(cfg), short_finetune(cfg, dense)
-    return sens, cost_tables(sens, mass, candidates, BLENDS), abn_batches(cfg), None
+        tables = cost_tables(sens, scores, candidates, SHORT_FINETUNE_BLENDS)
+        return tables, abn_batches(cfg), short_finetune(cfg, dense)
+    return cost_tables(sens, scores, candidates, BLENDS), abn_batches(cfg), None
 
 
 def abn_batches(cfg: PruneConfig, draw: int = 1) -> tuple[list, list]:

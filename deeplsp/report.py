@@ -117,7 +117,7 @@ def markdown(report: dict) -> str:
             "Loss increase: each group cut alone in the dense model, on the calibration batches.",
             "",
         ]
-    by_importance = cfg.get("allocation") == "threshold" or cfg.get("selection") == "importance"
+    threshold = cfg.get("allocation") == "threshold"
     delivered = {g["id"]: g["keep"] for g in report["groups"]}
     lines += ["## Search (each candidate exported and measured on the device)", ""]
     lines += [
@@ -137,7 +137,7 @@ def markdown(report: dict) -> str:
                 "candidate",
                 "predicted ms",
                 "measured ms",
-                "importance removed" if by_importance else "loss increase",
+                "importance removed" if threshold else "loss increase",
                 "loss after short fine-tune"
                 if cfg.get("selection") == "short-finetune"
                 else "adaptive-BN loss",

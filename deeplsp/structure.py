@@ -145,17 +145,9 @@ def channel_scores(
     input_shape: tuple[int, ...],
     importance: str = "l1",
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    normalize: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Each group's per-channel importance, divided by the group's mean (torch-pruning's
-    "mean" normaliser: global pruning's scale, on which every group's channels average 1).
-
-    ``normalize=False``: summed over the group's coupled layers and not divided, so that
-    with ``taylor`` a channel's score is the first-order estimate of the loss its removal
-    costs everywhere it is used (Molchanov et al., CVPR 2019; HALP's knapsack values):
-    on one scale across groups without a normaliser. In a dense ResNet-18 a channel of the
-    stem's residual stream read 10x one of layer 4's (0.60 against 0.057), while
-    normalised every group's channels average 1, so a group's total is its width.
+    "mean" normaliser, so groups compare on one scale).
 
     ``l1``/``l2``: weight magnitude summed over the group's coupled layers
     (GroupMagnitudeImportance). ``taylor``: first-order Taylor importance |w * dL/dw|
@@ -168,22 +160,20 @@ def channel_scores(
         raise DeepLSPError(
             f"unknown importance {importance!r}; choose from: {', '.join(IMPORTANCES)}"
         )
-    scale = {"group_reduction": "sum", "normalizer": None}
     if importance == "taylor":
         if not batches:
             raise DeepLSPError("taylor importance needs calibration batches of real data")
         model = copy.deepcopy(model)
-        scorer = tp.importance.GroupTaylorImportance(**scale)
+        scorer = tp.importance.GroupTaylorImportance()
         with eval_mode(model):
             model.zero_grad()
             for images, labels in batches:
                 nn.functional.cross_entropy(model(images), labels).backward()
     else:
-        scorer = tp.importance.GroupMagnitudeImportance(p=_NORM_P[importance], **scale)
+        scorer = tp.importance.GroupMagnitudeImportance(p=_NORM_P[importance])
     graph = _graph(model, input_shape)
     with torch.no_grad():
-        raw = {info.id: scorer(group) for info, group in _named_groups(model, graph)}
-    return {g: s / s.mean() for g, s in raw.items()} if normalize else raw
+        return {info.id: scorer(group) for info, group in _named_groups(model, graph)}
 
 
 def removal_order(
