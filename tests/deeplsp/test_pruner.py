@@ -999,10 +999,10 @@ def test_adaptive_bn_selection_leaves_the_knapsack_answer_only_for_a_clearly_low
     keeps, blend, line = sel.allocate(budget)
     assert line.startswith("adaptive-BN loss by blend 1: ")
     if noise:  # within the estimate's noise: the loss-increase knapsack's answer stands
-        assert keeps == answers[1.0] and blend == 1.0
+        assert keeps == answers[1.0] and blend == "blend 1"
         assert line.endswith("none clearly below blend 1's, kept it")
     else:
-        assert keeps == answers[0.0] and blend == 0.0
+        assert keeps == answers[0.0] and blend == "blend 0"
         gap = 1 / answers[1.0]["features.3"] - 1 / answers[0.0]["features.3"]
         assert f"chose 0, {gap:.3f} below blend 1's (standard error 0.000)" in line
     assert len(judged) == 2  # each answer judged once
@@ -1075,6 +1075,52 @@ def test_the_knapsack_reads_the_loss_in_context_around_the_uniform_network_near_
     assert keeps["features.3"] == 32 and min(keeps.values()) < 32
     assert any(line.startswith("sensitivity in context: every other group at") for line in lines)
     assert "Loss increase in context" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("favoured", [True, False])
+def test_the_threshold_rules_answer_is_judged_beside_the_knapsacks(
+    disagreeing, monkeypatch, favoured
+):
+    """The rival (global importance threshold over every count, aimed at the same table
+    budget) replaces the loss-increase knapsack's answer only when its adaptive-BN loss is
+    clearly lower, as any blend's would."""
+    scores = {g: torch.linspace(0.5, 1.5, max(c)) for g, c in disagreeing.candidates.items()}
+    every = {g: list(range(1, max(c) + 1)) for g, c in disagreeing.candidates.items()}
+    tables = {1.0: disagreeing.sens}
+    lat, sel, budget = disagreeing.make(tables, rival=(every, scores))
+    rival = prune_mod.allocate_threshold(every, scores, lambda k: lat.table_sum(k) <= budget)
+    own = prune_mod.allocate_coupled(lat, disagreeing.candidates, disagreeing.sens, budget)[0]
+    assert rival is not None and rival != own  # the case
+
+    def fake_adapted_losses(net, adapt, held):
+        is_rival = net.features[3].out_channels == rival["features.3"]
+        return torch.full((64,), 1.0 if is_rival == favoured else 2.0)
+
+    monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
+    keeps, name, line = sel.allocate(budget)
+    assert line.startswith("adaptive-BN loss by blend 1: ") and ", threshold: " in line
+    if favoured:
+        assert keeps == rival and name == "threshold"
+        assert "chose threshold, 1.000 below blend 1's" in line
+    else:
+        assert keeps == own and name == "blend 1"
+    assert lat.table_sum(keeps) <= budget
+    # without a judge there is no rival: the knapsack's answer alone
+    _, plain, _ = disagreeing.make(tables, rival=(every, scores))
+    plain.abn_data = None
+    assert plain.allocate(budget) == (own, "blend 1", "")
+
+
+def test_loss_at_reads_a_skipped_count_between_the_measured_ones():
+    table = {8: 0.0, 4: 1.0, 2: 3.0}
+    assert prune_mod.loss_at(table, 4) == 1.0
+    assert prune_mod.loss_at(table, 6) == pytest.approx(0.5)
+    assert prune_mod.loss_at(table, 3) == pytest.approx(2.0)
+    assert prune_mod.loss_at(table, 1) == 3.0  # under the narrowest: the narrowest's
+    assert prune_mod.loss_at({}, 3) == 0.0
+    assert prune_mod.summed_loss({"a": table, "b": {2: 1.0, 4: 0.0}}, {"a": 5, "b": 3}) == (
+        pytest.approx(0.75 + 0.5)
+    )
 
 
 def test_short_finetune_selection_scores_each_answer_after_its_short_training(
@@ -1455,11 +1501,11 @@ def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
     assert climbed["search"][0]["keeps"] == first["keeps"] and ms(climbed["search"][0]) == ms(first)
     assert ms(first) < goal
     up = climbed["search"][1]
-    assert up["note"] == "iteration 2 (climb)"
+    assert up["note"] == "iteration 2 (climb, blend 1)"  # judged beside the threshold rule's
     assert ms(first) < ms(up) <= goal and up["cost"] < first["cost"]
     assert delivered(plain) == first["keeps"] and delivered(climbed) == up["keeps"]
     md = (tmp_path / "run" / "report.md").read_text()
-    (row,) = [ln for ln in md.splitlines() if ln.startswith("| iteration 2 (climb)")]
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| iteration 2 (climb")]
     assert row.rstrip(" |").endswith("yes") and "measured after the search" in md
     assert len(climbed["search"]) <= 1 + cfg.climb
     # the same larger answer measured over the goal (a slowdown the table cannot see):
