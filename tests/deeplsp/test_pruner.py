@@ -1320,11 +1320,16 @@ def test_threshold_allocation_keeps_what_clears_one_global_threshold():
     at_most = lambda n: lambda keeps: sum(keeps.values()) <= n  # noqa: E731
     # thresholds 0.9 -> a 2, b 3 rounded up to 4, c 4 (10 channels); 1.0 -> 2 + 2 + 4 = 8
     assert prune_mod.allocate_threshold(cands, scores, at_most(8)) == {"a": 2, "b": 2, "c": 4}
-    assert prune_mod.allocate_threshold(cands, scores, at_most(9)) == {"a": 2, "b": 2, "c": 4}
+    # 9: b's next channel (0.9) needs b at 4, over; a's next (0.5) fits as its third channel
+    assert prune_mod.allocate_threshold(cands, scores, at_most(9)) == {"a": 3, "b": 2, "c": 4}
     assert prune_mod.allocate_threshold(cands, scores, at_most(12)) == {"a": 4, "b": 4, "c": 4}
     # above every score: each group at its smallest candidate (1 + 2 + 1)
     assert prune_mod.allocate_threshold(cands, scores, at_most(4)) == {"a": 1, "b": 2, "c": 1}
     assert prune_mod.allocate_threshold(cands, scores, at_most(3)) is None
+    # 5: threshold 1.2 (a 2, b 1 rounded up to 2, c 0 up to 1) and no next count fits;
+    # 6: c's first channel under it (1.0) takes c to 2, then nothing more fits
+    assert prune_mod.allocate_threshold(cands, scores, at_most(5)) == {"a": 2, "b": 2, "c": 1}
+    assert prune_mod.allocate_threshold(cands, scores, at_most(6)) == {"a": 2, "b": 2, "c": 2}
 
 
 @pytest.mark.parametrize("mode", ["budget", "keep_ratio"])
