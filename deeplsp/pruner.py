@@ -1845,7 +1845,7 @@ def _between(
         else:
             out[g] = kf[g]
             adjacent += [g] if a < b else []
-    adjacent.sort(key=lambda g: sens[g].get(kf[g], 0.0) - sens[g].get(ks[g], 0.0))
+    adjacent.sort(key=lambda g: loss_at(sens[g], kf[g]) - loss_at(sens[g], ks[g]))
     for g in adjacent[len(adjacent) - round(t * len(adjacent)) :]:
         out[g] = ks[g]
     return out
