@@ -1226,7 +1226,11 @@ def test_a_misjudged_candidate_is_corrected_along_the_knapsacks_own_solutions(
         _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
     )
     budget = 0.5 * _dense_ms(probe)
-    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0)
+    # the search's own mechanics, on the loss-increase knapsack's family alone (no judge:
+    # no blends, no threshold rival)
+    cfg = _cfg(
+        tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, selection="sensitivity"
+    )
     clean = prune(cfg, log=lambda s: None)["search"][0]["measured"]["latency"]["median"]
     # a cliff the table cannot see, just where the first candidate lies: it runs 20% over
     mmacs = clean - 0.05  # the fake clock: 0.05 ms + 1 ms per million MACs
@@ -1490,7 +1494,10 @@ def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
     )
     budget = 0.6 * _dense_ms(probe)
     goal = (1 - 0.06) * budget
-    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0)
+    # the climb's mechanics on the loss-increase knapsack's family alone (no judge)
+    cfg = _cfg(
+        tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, selection="sensitivity"
+    )
     plain = prune(replace(cfg, climb=0), log=lambda s: None)
     climbed = prune(cfg, log=lambda s: None)
 
@@ -1506,7 +1513,7 @@ def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
     assert climbed["search"][0]["keeps"] == first["keeps"] and ms(climbed["search"][0]) == ms(first)
     assert ms(first) < goal
     up = climbed["search"][1]
-    assert up["note"] == "iteration 2 (climb, blend 1)"  # judged beside the threshold rule's
+    assert up["note"] == "iteration 2 (climb)"
     assert ms(first) < ms(up) <= goal and up["cost"] < first["cost"]
     assert delivered(plain) == first["keeps"] and delivered(climbed) == up["keeps"]
     md = (tmp_path / "run" / "report.md").read_text()
