@@ -32,10 +32,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from prune_budget import (
-    DENSE_EPOCHS,
     HERE,
     SHAPE,
-    dense_path,
+    cached_dense,
     finetune_over_seeds,
     markdown_table,
     paired_timing,
@@ -43,7 +42,6 @@ from prune_budget import (
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
-from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
 from deeplsp.pruner import (
     LatencyModel,
@@ -114,8 +112,7 @@ def main() -> None:
     args = p.parse_args()
 
     name = args.model
-    epochs = args.dense_epochs or DENSE_EPOCHS[name]
-    dense = load_checkpoint(dense_path(name, args.train_subset, epochs)).build_model().eval()
+    dense = cached_dense(name, args.train_subset, args.dense_epochs)
     device = replace(get_device("cpu"), threads=args.threads)
     cfg = PruneConfig(  # DeepLSP's defaults: its calibration draws and fine-tuning settings
         model=name,

@@ -193,10 +193,10 @@ def paired_timing(
     return timing, dense_ms
 
 
-def cached_dense(name: str, train_subset: int) -> torch.nn.Module:
+def cached_dense(name: str, train_subset: int, epochs: int | None = None) -> torch.nn.Module:
     """The dense model this bench trained and cached (run it first), in eval mode: the
-    other benches' starting point."""
-    ckpt = dense_path(name, train_subset, DENSE_EPOCHS[name])
+    other benches' starting point (`epochs`: a `--dense-epochs` other than the default)."""
+    ckpt = dense_path(name, train_subset, epochs or DENSE_EPOCHS[name])
     return load_checkpoint(ckpt).build_model().eval()
 
 

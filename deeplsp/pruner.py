@@ -524,11 +524,9 @@ def allocate_threshold(
     their group's next count still fits."""
 
     def keeps_at(tau: float) -> dict[str, int]:
-        out = {}
-        for g, opts in candidates.items():
-            n = int((scores[g] >= tau).sum())
-            out[g] = min((k for k in opts if k >= n), default=max(opts))
-        return out
+        return {
+            g: _rounded_up(opts, int((scores[g] >= tau).sum())) for g, opts in candidates.items()
+        }
 
     taus = sorted({float(v) for g in candidates for v in scores[g]})
     taus.append(math.inf)  # every group at its smallest candidate
@@ -545,6 +543,11 @@ def allocate_threshold(
         else:
             lo = mid
     return _fill(keeps_at(taus[hi]), taus[hi], candidates, scores, fits)
+
+
+def _rounded_up(opts: list[int], n: int) -> int:
+    """The smallest candidate count that keeps `n` channels (all of them past the widest)."""
+    return min((k for k in opts if k >= n), default=max(opts))
 
 
 def _fill(
@@ -569,7 +572,7 @@ def _fill(
         counted[g] += 1
         if counted[g] <= keeps[g]:
             continue  # inside the count its group was already rounded up to
-        trial = {**keeps, g: min((k for k in candidates[g] if k >= counted[g]), default=keeps[g])}
+        trial = {**keeps, g: _rounded_up(candidates[g], counted[g])}
         if trial[g] > keeps[g] and fits(trial):
             keeps = trial
         else:
