@@ -106,6 +106,13 @@ def main() -> None:
         help="also the threshold rule's answer (--allocation threshold) at each table budget, "
         "as blend 'threshold'",
     )
+    p.add_argument(
+        "--floors",
+        default="",
+        help="also each blend's knapsack with every group held to at least this fraction of "
+        "the threshold rule's count at the same table budget, one family per value (blend "
+        "'1 >=0.5t'): a trust region around the rule's near-uniform answer",
+    )
     p.add_argument("--measure", action="store_true", help="time each answer on the device")
     p.add_argument("--iters", type=int, default=50, help="timed runs per round (--measure)")
     p.add_argument("--results", default=None, help="file stem (default knapsack_family-MODEL)")
@@ -145,23 +152,34 @@ def main() -> None:
         tables: dict = cost_tables(
             sens, sc.scores, candidates, tuple(map(float, args.blends.split(",")))
         )
+        families = [(b, None, costs) for b, costs in tables.items()]
+        for floor in (float(f) for f in args.floors.split(",") if f):
+            families += [(f"{b:g} >={floor:g}t", floor, c) for b, c in tables.items()]
         if args.threshold:
-            tables["threshold"] = None
-        for weight_cost, (blend, costs) in itertools.product(
-            map(float, args.weight_costs.split(",")), tables.items()
+            families.append(("threshold", None, None))
+        every = every_multiple(groups, device.channel_multiple)
+        for weight_cost, (blend, floor, costs) in itertools.product(
+            map(float, args.weight_costs.split(",")), families
         ):
             lat = LatencyModel(dense, SHAPE, groups, table, weight_cost=weight_cost / 1e6)
             dense_sum = lat.table_sum({g.id: g.channels for g in groups})
             for i in range(args.steps):
                 frac = args.lo + (args.hi - args.lo) * i / max(args.steps - 1, 1)
+
+                def fits(k: dict, b: float = frac * dense_sum, lat=lat) -> bool:
+                    return lat.table_sum(k) <= b
+
                 if costs is None:
-                    keeps = allocate_threshold(
-                        every_multiple(groups, device.channel_multiple),
-                        sc.scores,
-                        lambda k, b=frac * dense_sum, lat=lat: lat.table_sum(k) <= b,
-                    )
-                else:
+                    keeps = allocate_threshold(every, sc.scores, fits)
+                elif floor is None:
                     keeps, _ = allocate_coupled(lat, candidates, costs, frac * dense_sum)
+                else:
+                    rule = allocate_threshold(every, sc.scores, fits)
+                    held_to = {
+                        g: [k for k in c if k >= floor * rule[g]] or [max(c)]
+                        for g, c in candidates.items()
+                    }
+                    keeps, _ = allocate_coupled(lat, held_to, costs, frac * dense_sum)
                 key = tuple(sorted(keeps.items()))
                 if key in seen:
                     continue
