@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--budget", type=float, default=0.3, help="table budget (x dense sum)")
     p.add_argument("--samples", type=int, default=24, help="perturbed answers")
-    p.add_argument("--spread", type=float, default=1.5, help="largest importance factor")
+    p.add_argument("--spread", type=float, default=1.15, help="largest importance factor")
     p.add_argument("--finetune", type=int, default=2, help="lowest-on-draw-A answers to fine-tune")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (top-1: their mean)")
     p.add_argument("--train-subset", type=int, default=2000)
