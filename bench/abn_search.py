@@ -24,29 +24,26 @@ import copy
 import random
 import statistics
 from collections.abc import Callable
-from dataclasses import replace
 
 from prune_budget import (
     HERE,
     SHAPE,
-    cached_dense,
+    cached_scan,
+    evaluation_loader,
     finetune_over_seeds,
     markdown_table,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
-from deeplsp.datasets import load_split, make_loader
 from deeplsp.pruner import (
     LatencyModel,
-    PruneConfig,
     abn_batches,
     allocate_threshold,
     every_multiple,
-    scan,
 )
 from deeplsp.structure import prune_groups
-from devices import fingerprint, get_device
+from devices import fingerprint
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
 
@@ -86,21 +83,11 @@ def main() -> None:
     args = p.parse_args()
 
     name = args.model
-    dense = cached_dense(name, args.train_subset, args.dense_epochs)
-    device = replace(get_device("cpu"), threads=args.threads)
-    cfg = PruneConfig(
-        model=name,
-        dataset="fashionmnist",
-        out=str(HERE / "cache" / "run"),
-        budget_ratio=args.budget,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
+    dense, device, cfg, sc = cached_scan(
+        name, args.train_subset, args.test_subset, args.dense_epochs, args.threads
     )
-    sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
     draws = {"A": abn_batches(cfg), "B": abn_batches(cfg, draw=3)}
-    test_loader = make_loader(
-        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
-    )
+    test_loader = evaluation_loader(args.test_subset)
     every = every_multiple(sc.groups, device.channel_multiple)
     rows, seen = [], set()
     with LatencyTable(device, HERE / "cache" / "latency.sqlite") as table:

@@ -37,6 +37,7 @@ from prune_budget import (
     HERE,
     SHAPE,
     dense_checkpoint,
+    evaluation_loader,
     finetune_and_eval,
     global_taylor,
     paired_timing,
@@ -76,9 +77,7 @@ def main() -> None:
     device = get_device("cpu")
     name = args.model
     _, dense = dense_checkpoint(name, args)
-    loader = make_loader(
-        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
-    )
+    loader = evaluation_loader(args.test_subset)
     calib_ds = load_split("fashionmnist", "train", train_augment=False, subset=128, seed=0)
     mp_batches = list(make_loader(calib_ds, 32, shuffle=False))  # prune_budget's, for MetaPruner
     work = HERE / "cache" / "allocation_sweep"

@@ -17,13 +17,21 @@ from __future__ import annotations
 import argparse
 import copy
 
-from prune_budget import DENSE_EPOCHS, HERE, SHAPE, dense_path, finetune_and_eval, global_taylor
+from prune_budget import (
+    DENSE_EPOCHS,
+    HERE,
+    SHAPE,
+    dense_path,
+    evaluation_loader,
+    finetune_and_eval,
+    global_taylor,
+)
 from tabulate import tabulate
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
-from deeplsp.datasets import calibration_batches, load_split, make_loader
+from deeplsp.datasets import calibration_batches
 from deeplsp.pruner import PruneConfig
 from deeplsp.structure import count_channels, find_groups, prune_groups, removal_order
 from profiling.counting import count_torch
@@ -39,9 +47,7 @@ def main() -> None:
     p.add_argument("--results", default="channel_choice")
     args = p.parse_args()
 
-    test_loader = make_loader(
-        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
-    )
+    test_loader = evaluation_loader(args.test_subset)
     calib = calibration_batches("fashionmnist", None, 4, 32, 0)  # DeepLSP's default draw
     ((x, y),) = calibration_batches("fashionmnist", None, 1, 512, 1)  # held apart from calib
     adapt = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]

@@ -28,13 +28,13 @@ import copy
 import itertools
 import statistics
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from prune_budget import (
     HERE,
     SHAPE,
-    cached_dense,
+    cached_scan,
+    evaluation_loader,
     finetune_over_seeds,
     markdown_table,
     paired_timing,
@@ -42,10 +42,9 @@ from prune_budget import (
 
 from deeplsp.adaptive_bn import adapted_loss
 from deeplsp.atomic import write_json, write_text
-from deeplsp.datasets import load_split, make_loader
+from deeplsp.datasets import load_split
 from deeplsp.pruner import (
     LatencyModel,
-    PruneConfig,
     abn_batches,
     allocate_coupled,
     allocate_threshold,
@@ -54,12 +53,11 @@ from deeplsp.pruner import (
     distil,
     every_multiple,
     measure_model,
-    scan,
     summed_loss,
     uniform_keeps,
 )
 from deeplsp.structure import prune_groups
-from devices import fingerprint, get_device
+from devices import fingerprint
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
 
@@ -119,25 +117,15 @@ def main() -> None:
     args = p.parse_args()
 
     name = args.model
-    dense = cached_dense(name, args.train_subset, args.dense_epochs)
-    device = replace(get_device("cpu"), threads=args.threads)
-    cfg = PruneConfig(  # DeepLSP's defaults: its calibration draws and fine-tuning settings
-        model=name,
-        dataset="fashionmnist",
-        out=str(HERE / "cache" / "run"),
-        budget_ratio=0.3,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
+    dense, device, cfg, sc = cached_scan(
+        name, args.train_subset, args.test_subset, args.dense_epochs, args.threads
     )
-    sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
     groups, candidates, order, sens = sc.groups, sc.candidates, sc.order, sc.sens
     adapt, held = abn_batches(cfg)
     if args.context is not None:
         around = uniform_keeps(sc.candidates, args.context)
         sens = context_table(cfg, dense, sc, around, HERE / "cache")[0]
-    test_loader = make_loader(
-        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
-    )
+    test_loader = evaluation_loader(args.test_subset)
     short_ds = load_split("fashionmnist", "train", subset=args.short_images, seed=7)
     rows, seen = [], set()
     with (
@@ -149,9 +137,7 @@ def main() -> None:
             timing, dense_ms = paired_timing(
                 device, dense, Path(tmp) / "dense.onnx", args.iters, by_side=True
             )
-        tables: dict = cost_tables(
-            sens, sc.scores, candidates, tuple(map(float, args.blends.split(",")))
-        )
+        tables = cost_tables(sens, sc.scores, candidates, tuple(map(float, args.blends.split(","))))
         families = [(b, None, costs) for b, costs in tables.items()]
         for floor in (float(f) for f in args.floors.split(",") if f):
             families += [(f"{b:g} >={floor:g}t", floor, c) for b, c in tables.items()]

@@ -17,15 +17,14 @@ trains and caches the dense checkpoint, the sensitivity and the table).
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
-from prune_budget import HERE, SHAPE, cached_dense
+from prune_budget import HERE, SHAPE, cached_scan
 from tabulate import tabulate
 
 from deeplsp.atomic import write_json, write_text
-from deeplsp.pruner import LatencyModel, PruneConfig, _allocate_coupled, allocate_coupled, scan
-from devices import fingerprint, get_device
+from deeplsp.pruner import LatencyModel, _allocate_coupled, allocate_coupled
+from devices import fingerprint
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,17 +40,7 @@ def main() -> None:
     p.add_argument("--results", default=None, help="file stem (default knee_pricing-MODEL)")
     args = p.parse_args()
 
-    dense = cached_dense(args.model, 2000)
-    device = replace(get_device("cpu"), threads=1)  # the bench's table: one thread
-    cfg = PruneConfig(  # prune_budget's settings: its sensitivity cache
-        model=args.model,
-        dataset="fashionmnist",
-        out=str(HERE / "cache" / "run"),
-        budget_ratio=0.3,
-        train_subset=2000,
-        test_subset=1000,
-    )
-    sc = scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
+    dense, device, _, sc = cached_scan(args.model)  # the bench's table: one thread
     rows = []
     with LatencyTable(device, HERE / "cache" / "latency.sqlite") as table:
         lat = LatencyModel(dense, SHAPE, sc.groups, table)

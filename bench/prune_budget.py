@@ -56,17 +56,19 @@ from deeplsp.pruner import (
     RATIOS,
     LatencyModel,
     PruneConfig,
+    Scan,
     Timing,
     candidate_keeps,
     finetune,
     measure_model,
     prune,
+    scan,
     timed_thrice,
     with_in_cache,
 )
 from deeplsp.structure import find_groups, prune_groups, round_channels
 from deeplsp.training import evaluate, short_budget
-from devices import fingerprint, get_device
+from devices import DeviceSpec, fingerprint, get_device
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
 from profiling.weight_spill import free_weights
@@ -193,6 +195,13 @@ def paired_timing(
     return timing, dense_ms
 
 
+def evaluation_loader(subset: int):
+    """The benches' evaluation data: `subset` test images, one fixed draw (seed 0), so
+    every method and bench reads the same images; batches of 256, in order."""
+    test = load_split("fashionmnist", "test", subset=subset, seed=0)
+    return make_loader(test, 256, shuffle=False)
+
+
 def cached_dense(name: str, train_subset: int, epochs: int | None = None) -> torch.nn.Module:
     """The dense model this bench trained and cached (run it first), in eval mode: the
     other benches' starting point (`epochs`: a `--dense-epochs` other than the default)."""
@@ -220,6 +229,31 @@ def finetune_and_eval(model, dense, cfg, test_loader) -> float:
     """Top-1 after DeepLSP's own fine-tuning (`cfg`'s settings and seed), in place."""
     finetune(model, dense, {}, cfg)
     return evaluate(model.eval(), test_loader, "cpu")["top1"]
+
+
+def cached_scan(
+    name: str,
+    train_subset: int = 2000,
+    test_subset: int = 1000,
+    dense_epochs: int | None = None,
+    threads: int = 1,
+) -> tuple[torch.nn.Module, DeviceSpec, PruneConfig, Scan]:
+    """What the offline benches start from: the cached dense model (`cached_dense`), the
+    `cpu` device at `threads` (the table's), DeepLSP's default settings for this bench's
+    data (its calibration draws and fine-tuning), and DeepLSP's scan with them (groups,
+    candidates, importance, sensitivity; cached in bench/cache/, shared with this bench's
+    runs)."""
+    dense = cached_dense(name, train_subset, dense_epochs)
+    device = replace(get_device("cpu"), threads=threads)
+    cfg = PruneConfig(
+        model=name,
+        dataset="fashionmnist",
+        out=str(HERE / "cache" / "run"),
+        budget_ratio=0.3,  # read by no step before the search
+        train_subset=train_subset,
+        test_subset=test_subset,
+    )
+    return dense, device, cfg, scan(cfg, dense, SHAPE, device.channel_multiple, HERE / "cache")
 
 
 def finetune_over_seeds(model, dense, cfg, test_loader, seeds: int) -> list[float]:
@@ -281,9 +315,7 @@ def main() -> None:
 
     device = replace(get_device("cpu"), threads=args.threads)
     rows = []
-    test_loader = make_loader(
-        load_split("fashionmnist", "test", subset=args.test_subset, seed=0), 256, shuffle=False
-    )
+    test_loader = evaluation_loader(args.test_subset)
     calib_ds = load_split("fashionmnist", "train", train_augment=False, subset=128, seed=0)
     batches = list(make_loader(calib_ds, 32, shuffle=False))
     with tempfile.TemporaryDirectory(prefix="prune-budget-") as tmp:
