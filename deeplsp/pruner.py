@@ -715,10 +715,12 @@ class Selector:
         """The chosen answer at `table_budget`, which answer it is ("blend 0.25",
         "threshold"), and a line saying how it was chosen ("" when there was nothing to
         choose between)."""
+
+        def fits(keeps: dict[str, int]) -> bool:
+            return self.lat.table_sum(keeps) <= table_budget
+
         if self.threshold is not None:
-            keeps = allocate_threshold(
-                self.candidates, self.threshold, lambda k: self.lat.table_sum(k) <= table_budget
-            )
+            keeps = allocate_threshold(self.candidates, self.threshold, fits)
             if keeps is None:
                 smallest = {g: min(c) for g, c in self.candidates.items()}
                 raise InfeasibleBudget(table_budget, self.lat.table_sum(smallest))
@@ -729,7 +731,7 @@ class Selector:
             keeps, _ = allocate_coupled(self.lat, self.candidates, self.tables[blend], table_budget)
             answers.setdefault(tuple(sorted(keeps.items())), (f"{blend:g}", keeps))
         if self.rival is not None and self.abn_data is not None:
-            keeps = allocate_threshold(*self.rival, lambda k: self.lat.table_sum(k) <= table_budget)
+            keeps = allocate_threshold(*self.rival, fits)
             if keeps is not None:
                 answers.setdefault(tuple(sorted(keeps.items())), ("threshold", keeps))
         if len(answers) == 1 or self.abn_data is None:
