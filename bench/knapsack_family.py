@@ -47,6 +47,7 @@ from deeplsp.pruner import (
     LatencyModel,
     abn_batches,
     allocate_coupled,
+    allocate_floored,
     allocate_threshold,
     context_table,
     cost_tables,
@@ -108,8 +109,8 @@ def main() -> None:
         "--floors",
         default="",
         help="also each blend's knapsack with every group held to at least this fraction of "
-        "the threshold rule's count at the same table budget, one family per value (blend "
-        "'1 >=0.5t'): a trust region around the rule's near-uniform answer",
+        "the threshold rule's count at the same table budget (pruner.allocate_floored, the "
+        "pipeline's at 0.75 for blend 1), one family per value (blend '1 >=0.5t')",
     )
     p.add_argument("--measure", action="store_true", help="time each answer on the device")
     p.add_argument("--iters", type=int, default=50, help="timed runs per round (--measure)")
@@ -161,11 +162,7 @@ def main() -> None:
                     keeps, _ = allocate_coupled(lat, candidates, costs, frac * dense_sum)
                 else:
                     rule = allocate_threshold(every, sc.scores, fits)
-                    held_to = {
-                        g: [k for k in c if k >= floor * rule[g]] or [max(c)]
-                        for g, c in candidates.items()
-                    }
-                    keeps, _ = allocate_coupled(lat, held_to, costs, frac * dense_sum)
+                    keeps = allocate_floored(lat, candidates, costs, rule, frac * dense_sum, floor)
                 key = tuple(sorted(keeps.items()))
                 if key in seen:
                     continue

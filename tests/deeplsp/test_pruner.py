@@ -1111,6 +1111,48 @@ def test_the_threshold_rules_answer_is_judged_beside_the_knapsacks(
     assert plain.allocate(budget) == (own, "blend 1", "")
 
 
+def test_the_knapsack_held_near_the_threshold_rules_counts_is_judged_too(disagreeing, monkeypatch):
+    """Beside the rule's answer, the loss-increase knapsack with every group held to at
+    least TRUST_FLOOR of the rule's count: it fits the same table budget, differs from
+    both, and is chosen when its adaptive-BN loss is the lowest of those clearly lower.
+    (A floor of a half: TinyNet's four candidates per group leave no trade at 0.75.)"""
+    monkeypatch.setattr(prune_mod, "TRUST_FLOOR", 0.5)
+    scores = {g: torch.linspace(0.5, 1.5, max(c)) for g, c in disagreeing.candidates.items()}
+    every = {g: list(range(1, max(c) + 1)) for g, c in disagreeing.candidates.items()}
+    tables = {1.0: disagreeing.sens}
+    lat, sel, budget = disagreeing.make(tables, rival=(every, scores))
+    rule = prune_mod.allocate_threshold(every, scores, lambda k: lat.table_sum(k) <= budget)
+    own = prune_mod.allocate_coupled(lat, disagreeing.candidates, disagreeing.sens, budget)[0]
+    held = prune_mod.allocate_floored(lat, disagreeing.candidates, disagreeing.sens, rule, budget)
+    assert lat.table_sum(held) <= budget
+    assert all(held[g] >= prune_mod.TRUST_FLOOR * rule[g] for g in rule)
+    assert all(held[g] in disagreeing.candidates[g] or held[g] == rule[g] for g in held)
+    # the unheld knapsack cuts its cheap group below the floor; the held one may not
+    assert own["features.3"] < prune_mod.TRUST_FLOOR * rule["features.3"]
+    assert len({tuple(sorted(k.items())) for k in (own, rule, held)}) == 3  # the case
+    # it traded from the rule's answer toward a lower summed loss
+    assert prune_mod.summed_loss(disagreeing.sens, held) < prune_mod.summed_loss(
+        disagreeing.sens, rule
+    )
+    losses = {
+        tuple(sorted(own.items())): 2.0,
+        tuple(sorted(rule.items())): 1.5,
+        tuple(sorted(held.items())): 1.4,
+    }
+
+    def fake_adapted_losses(net, adapt, held_out):
+        keeps = {g: net.get_submodule(g).out_channels for g in own}
+        return torch.full((64,), losses[tuple(sorted(keeps.items()))])
+
+    monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
+    keeps, name, line = sel.allocate(budget)
+    assert keeps == held and name == "blend 1 floored"
+    assert ", threshold: 1.500, 1 floored: 1.400; chose 1 floored, 0.600 below" in line
+    # no room to trade (the floor at the rule's counts and no candidate above them but the
+    # widest): the rule's answer itself
+    assert prune_mod.allocate_floored(lat, every, disagreeing.sens, rule, budget, 1.0) == rule
+
+
 def test_loss_at_reads_a_skipped_count_between_the_measured_ones():
     table = {8: 0.0, 4: 1.0, 2: 3.0}
     assert prune_mod.loss_at(table, 4) == 1.0
