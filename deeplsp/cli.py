@@ -565,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("sensitivity", "adaptive-bn", "short-finetune"),  # pruner.SELECTIONS
         default=None,
         help="which knapsack answer to measure: the loss-increase knapsack's unless, among "
-        "the knapsack's answers under blends of loss increase and removed importance, one "
+        "the knapsack's answers under blends of loss increase and removed importance, the "
+        "threshold rule's answer and the knapsack held to 3/4 of its counts, one "
         "has a clearly lower loss after BatchNorm re-estimation (adaptive-bn, the "
         "knapsack's default), or after one short pass of distillation over --short-images "
         "training images and BatchNorm re-estimation (short-finetune); or the "
