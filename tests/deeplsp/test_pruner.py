@@ -1077,6 +1077,18 @@ def test_the_knapsack_reads_the_loss_in_context_around_the_uniform_network_near_
     assert "Loss increase in context" in (tmp_path / "run" / "report.md").read_text()
 
 
+def _rivalled(disagreeing):
+    """The disagreeing case with the threshold rule as rival (its importance rising with
+    the channel index, every count a candidate): (rival, lat, selector, budget, rule, the
+    loss-increase knapsack's answer)."""
+    scores = {g: torch.linspace(0.5, 1.5, max(c)) for g, c in disagreeing.candidates.items()}
+    every = {g: list(range(1, max(c) + 1)) for g, c in disagreeing.candidates.items()}
+    lat, sel, budget = disagreeing.make({1.0: disagreeing.sens}, rival=(every, scores))
+    rule = prune_mod.allocate_threshold(every, scores, lambda k: lat.table_sum(k) <= budget)
+    own = prune_mod.allocate_coupled(lat, disagreeing.candidates, disagreeing.sens, budget)[0]
+    return (every, scores), lat, sel, budget, rule, own
+
+
 @pytest.mark.parametrize("favoured", [True, False])
 def test_the_threshold_rules_answer_is_judged_beside_the_knapsacks(
     disagreeing, monkeypatch, favoured
@@ -1084,12 +1096,7 @@ def test_the_threshold_rules_answer_is_judged_beside_the_knapsacks(
     """The rival (global importance threshold over every count, aimed at the same table
     budget) replaces the loss-increase knapsack's answer only when its adaptive-BN loss is
     clearly lower, as any blend's would."""
-    scores = {g: torch.linspace(0.5, 1.5, max(c)) for g, c in disagreeing.candidates.items()}
-    every = {g: list(range(1, max(c) + 1)) for g, c in disagreeing.candidates.items()}
-    tables = {1.0: disagreeing.sens}
-    lat, sel, budget = disagreeing.make(tables, rival=(every, scores))
-    rival = prune_mod.allocate_threshold(every, scores, lambda k: lat.table_sum(k) <= budget)
-    own = prune_mod.allocate_coupled(lat, disagreeing.candidates, disagreeing.sens, budget)[0]
+    choices, lat, sel, budget, rival, own = _rivalled(disagreeing)
     assert rival is not None and rival != own  # the case
 
     def fake_adapted_losses(net, adapt, held):
@@ -1106,7 +1113,7 @@ def test_the_threshold_rules_answer_is_judged_beside_the_knapsacks(
         assert keeps == own and name == "blend 1"
     assert lat.table_sum(keeps) <= budget
     # without a judge there is no rival: the knapsack's answer alone
-    _, plain, _ = disagreeing.make(tables, rival=(every, scores))
+    _, plain, _ = disagreeing.make({1.0: disagreeing.sens}, rival=choices)
     plain.abn_data = None
     assert plain.allocate(budget) == (own, "blend 1", "")
 
@@ -1117,12 +1124,7 @@ def test_the_knapsack_held_near_the_threshold_rules_counts_is_judged_too(disagre
     both, and is chosen when its adaptive-BN loss is the lowest of those clearly lower.
     (A floor of a half: TinyNet's four candidates per group leave no trade at 0.75.)"""
     monkeypatch.setattr(prune_mod, "TRUST_FLOOR", 0.5)
-    scores = {g: torch.linspace(0.5, 1.5, max(c)) for g, c in disagreeing.candidates.items()}
-    every = {g: list(range(1, max(c) + 1)) for g, c in disagreeing.candidates.items()}
-    tables = {1.0: disagreeing.sens}
-    lat, sel, budget = disagreeing.make(tables, rival=(every, scores))
-    rule = prune_mod.allocate_threshold(every, scores, lambda k: lat.table_sum(k) <= budget)
-    own = prune_mod.allocate_coupled(lat, disagreeing.candidates, disagreeing.sens, budget)[0]
+    (every, _), lat, sel, budget, rule, own = _rivalled(disagreeing)
     held = prune_mod.allocate_floored(lat, disagreeing.candidates, disagreeing.sens, rule, budget)
     assert lat.table_sum(held) <= budget
     assert all(held[g] >= prune_mod.TRUST_FLOOR * rule[g] for g in rule)
