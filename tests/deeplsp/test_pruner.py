@@ -1079,8 +1079,8 @@ def test_the_knapsack_reads_the_loss_in_context_around_the_uniform_network_near_
 
 def _rivalled(disagreeing):
     """The disagreeing case with the threshold rule as rival (its importance rising with
-    the channel index, every count a candidate): (rival, lat, selector, budget, rule, the
-    loss-increase knapsack's answer)."""
+    the channel index, every count a candidate): (the rival's choices and scores, lat, the
+    selector, the table budget, the rule's answer, the loss-increase knapsack's answer)."""
     scores = {g: torch.linspace(0.5, 1.5, max(c)) for g, c in disagreeing.candidates.items()}
     every = {g: list(range(1, max(c) + 1)) for g, c in disagreeing.candidates.items()}
     lat, sel, budget = disagreeing.make({1.0: disagreeing.sens}, rival=(every, scores))
