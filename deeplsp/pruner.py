@@ -563,12 +563,11 @@ def allocate_floored(
     floor: float | None = None,
 ) -> dict[str, int]:
     """The knapsack on `costs` with every group held to at least `floor` (default
-    `TRUST_FLOOR`) of its count in
-    `rule` (the threshold rule's answer at the same table budget): it trades channels
-    between groups only near the rule's near-uniform answer, where losses measured one
-    group at a time still add up. Each group's options are its candidates at or above
-    the floor and the rule's own count (its cost read between the scanned counts,
-    `loss_at`), so the rule's answer is one of them."""
+    `TRUST_FLOOR`) of its count in `rule` (the threshold rule's answer at the same table
+    budget): it trades channels between groups only near the rule's near-uniform answer,
+    where losses measured one group at a time still add up. Each group's options are its
+    candidates at or above the floor and the rule's own count (its cost read between the
+    scanned counts, `loss_at`), so the rule's answer is one of them."""
     floor = TRUST_FLOOR if floor is None else floor
     held = {
         g: sorted({k for k in c if k >= floor * rule[g]} | {rule[g]}) for g, c in candidates.items()
@@ -679,8 +678,8 @@ class Selector:
     threshold rule's near-uniform answer there read 1.81 nats after BatchNorm
     re-estimation against the knapsack's 2.18-2.24 and fine-tuned to 74.9% (bench/README.md,
     knapsack_family, session 19). With it, `allocate_floored` (the loss-increase knapsack
-    held near the rule's counts) is judged too. Measured networks compare by `summed_loss`, which
-    reads the rule's counts between the scanned ones (`loss_at`)."""
+    held near the rule's counts) is judged too. Measured networks compare by
+    `summed_loss`, which reads the rule's counts between the scanned ones (`loss_at`)."""
 
     def __init__(
         self,
