@@ -32,6 +32,7 @@ from prune_budget import (
     evaluation_loader,
     finetune_over_seeds,
     markdown_table,
+    scan_arguments,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
@@ -75,10 +76,7 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=1.15, help="largest importance factor")
     p.add_argument("--finetune", type=int, default=2, help="lowest-on-draw-A answers to fine-tune")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (top-1: their mean)")
-    p.add_argument("--train-subset", type=int, default=2000)
-    p.add_argument("--dense-epochs", type=int, help="the cached dense model's")
-    p.add_argument("--test-subset", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=1, help="the latency table's device threads")
+    scan_arguments(p)
     p.add_argument("--results", default=None, help="file stem (default abn_search-MODEL)")
     args = p.parse_args()
 

@@ -38,6 +38,7 @@ from prune_budget import (
     finetune_over_seeds,
     markdown_table,
     paired_timing,
+    scan_arguments,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
@@ -70,12 +71,7 @@ def main() -> None:
     p.add_argument("--hi", type=float, default=0.55, help="largest table budget (x dense sum)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--short-images", type=int, default=512)
-    p.add_argument("--train-subset", type=int, default=2000)
-    p.add_argument(
-        "--dense-epochs", type=int, help="the cached dense model's (default: prune_budget's)"
-    )
-    p.add_argument("--test-subset", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=1, help="the latency table's device threads")
+    scan_arguments(p)
     p.add_argument(
         "--weight-costs",
         default="0",

@@ -231,6 +231,16 @@ def finetune_and_eval(model, dense, cfg, test_loader) -> float:
     return evaluate(model.eval(), test_loader, "cpu")["top1"]
 
 
+def scan_arguments(p: argparse.ArgumentParser) -> None:
+    """The options `cached_scan` takes, for the offline benches that start from it."""
+    p.add_argument("--train-subset", type=int, default=2000)
+    p.add_argument(
+        "--dense-epochs", type=int, help="the cached dense model's (default: prune_budget's)"
+    )
+    p.add_argument("--test-subset", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="the latency table's device threads")
+
+
 def cached_scan(
     name: str,
     train_subset: int = 2000,
