@@ -31,12 +31,11 @@ from prune_budget import (
     cached_scan,
     evaluation_loader,
     finetune_over_seeds,
-    markdown_table,
     scan_arguments,
+    write_results,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
-from deeplsp.atomic import write_json, write_text
 from deeplsp.pruner import (
     LatencyModel,
     abn_batches,
@@ -44,7 +43,6 @@ from deeplsp.pruner import (
     every_multiple,
 )
 from deeplsp.structure import prune_groups
-from devices import fingerprint
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
 
@@ -122,12 +120,11 @@ def main() -> None:
     for row in rows:
         del row["_net"]
     stem = HERE / "results" / (args.results or f"abn_search-{name}")
-    write_json(
-        stem.with_suffix(".json"),
-        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
-    )
-    write_text(
-        stem.with_suffix(".md"),
+    write_results(
+        stem,
+        device,
+        args,
+        rows,
         f"# Adaptive-BN search around the threshold rule's answer, {name}\n\n"
         f"Table budget {args.budget} of the dense table sum; {args.samples} perturbed "
         f"answers (each group's importance scaled by a factor in [1/{args.spread}, "
@@ -135,9 +132,7 @@ def main() -> None:
         f"{sum(len(y) for _, y in draws['A'][1])} held-out training images (chance 2.30); "
         f"top-1 after {cfg.finetune_epochs} epoch(s) on {args.train_subset} images, the "
         f"mean over {args.seeds} seed(s), on {args.test_subset} test images, for the "
-        f"reference, the {args.finetune} lowest on draw A and the highest.\n\n"
-        + markdown_table(rows)
-        + "\n",
+        f"reference, the {args.finetune} lowest on draw A and the highest.\n\n",
     )
 
 

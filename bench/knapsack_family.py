@@ -36,13 +36,12 @@ from prune_budget import (
     cached_scan,
     evaluation_loader,
     finetune_over_seeds,
-    markdown_table,
     paired_timing,
     scan_arguments,
+    write_results,
 )
 
 from deeplsp.adaptive_bn import adapted_loss
-from deeplsp.atomic import write_json, write_text
 from deeplsp.datasets import load_split
 from deeplsp.pruner import (
     LatencyModel,
@@ -59,7 +58,6 @@ from deeplsp.pruner import (
     uniform_keeps,
 )
 from deeplsp.structure import prune_groups
-from devices import fingerprint
 from profiling.counting import count_torch
 from profiling.latency_table import LatencyTable
 
@@ -198,12 +196,11 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     stem = HERE / "results" / (args.results or f"knapsack_family-{name}")
-    write_json(
-        stem.with_suffix(".json"),
-        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
-    )
-    write_text(
-        stem.with_suffix(".md"),
+    write_results(
+        stem,
+        device,
+        args,
+        rows,
         f"# The loss-increase knapsack's family, {name}: what predicts fine-tuned top-1\n\n"
         f"Answers at table budgets {args.lo}-{args.hi} of the dense table sum; losses in "
         f"nats on {sum(len(y) for _, y in held)} held-out training images (chance 2.30); "
@@ -218,9 +215,7 @@ def main() -> None:
             if args.context is not None
             else "each group cut alone in the dense model"
         )
-        + ".\n\n"
-        + markdown_table(rows)
-        + "\n",
+        + ".\n\n",
     )
 
 

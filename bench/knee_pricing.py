@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prune_budget import HERE, SHAPE, cached_scan
-from tabulate import tabulate
+from prune_budget import HERE, SHAPE, cached_scan, write_results
 
-from deeplsp.atomic import write_json, write_text
 from deeplsp.pruner import LatencyModel, _allocate_coupled, allocate_coupled
-from devices import fingerprint
 from profiling.latency_table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,19 +64,16 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     stem = RESULTS / (args.results or f"knee_pricing-{args.model}")
-    write_json(
-        stem.with_suffix(".json"),
-        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
-    )
-    write_text(
-        stem.with_suffix(".md"),
+    write_results(
+        stem,
+        device,
+        args,
+        rows,
         f"# How the knapsack prices weights under the cache knee, {args.model}\n\n"
         f"Weight cost {args.weight_cost} table ms per million weights past {args.knee:,} "
         "free layer weights; table budgets as a fraction of the dense table sum "
         "(`true_table_sum`: the answer's sum with only the weights past the knee charged, "
-        "what the search holds it to).\n\n"
-        + tabulate(rows, headers="keys", tablefmt="github")
-        + "\n",
+        "what the search holds it to).\n\n",
     )
 
 

@@ -158,6 +158,18 @@ def markdown_table(rows: list[dict]) -> str:
     )
 
 
+def write_results(
+    stem: Path, device: DeviceSpec, args: argparse.Namespace, rows: list[dict], intro: str
+) -> None:
+    """An offline bench's results, each file written atomically: `stem`.json (the device's
+    fingerprint, the arguments, the rows) and `stem`.md (`intro`, then `markdown_table`)."""
+    write_json(
+        stem.with_suffix(".json"),
+        {"fingerprint": fingerprint(device), "args": vars(args), "rows": rows},
+    )
+    write_text(stem.with_suffix(".md"), intro + markdown_table(rows) + "\n")
+
+
 def dense_path(name: str, train_subset: int, epochs: int) -> Path:
     """Where `dense_checkpoint` caches a dense model."""
     return HERE / "cache" / f"{name}-fashionmnist-{train_subset}-{epochs}.pt"
