@@ -351,6 +351,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         test_subset=args.test_subset,
         max_iterations=args.max_iterations,
         climb=args.climb,
+        guard=args.guard,
         short_images=args.short_images,
         timing=args.timing,
         seed=args.seed,
@@ -630,6 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="measurements after the search of larger networks up to the budget less its "
         "guard; the best measured within it is delivered (0: deliver the search's network)",
+    )
+    pn.add_argument(
+        "--guard",
+        type=_non_negative_float,
+        default=0.06,  # PruneConfig.guard (torch-free here)
+        help="noise guard: a network is delivered only if measured at most (1 - guard) x "
+        "the budget, so that a re-timing keeps it within (default %(default)s: on a shared "
+        "2-core VM one delivered network in 45 at the goal re-timed over the budget, 1 in "
+        "15 at 0.04; bench/README.md, guard_retiming); lower it on a quiet device",
     )
     pn.add_argument(
         "--short-images",

@@ -200,7 +200,7 @@ def test_prune_choices_match_the_pruner():
         ["prune", "--model", "resnet18", "--dataset", "fashionmnist", "--budget-ms", "1"]
     )
     assert args.threads is PruneConfig.threads  # the device's own unless asked
-    assert args.climb == PruneConfig.climb
+    assert (args.climb, args.guard) == (PruneConfig.climb, PruneConfig.guard)
     assert (args.importance, args.selection, args.allocation, args.timing) == (
         PruneConfig.importance,
         PruneConfig.selection,
@@ -221,7 +221,7 @@ def test_prune_choices_match_the_pruner():
     assert set(choices["timing"]) == set(TIMINGS)
 
 
-def test_prune_passes_threads_finetune_lr_and_climb_to_the_pruner(capsys, monkeypatch):
+def test_prune_passes_threads_finetune_lr_climb_and_guard_to_the_pruner(capsys, monkeypatch):
     import deeplsp.pruner as pruner
     from deeplsp.errors import DeepLSPError
 
@@ -251,3 +251,10 @@ def test_prune_passes_threads_finetune_lr_and_climb_to_the_pruner(capsys, monkey
     assert code == 2 and seen[-1].short_images == 64 and seen[-1].selection == "short-finetune"
     code, _, err = _run(capsys, *argv, "--short-images", "0")
     assert code == 2 and "--short-images" in err and len(seen) == 4
+    code, _, err = _run(capsys, *argv, "--guard", "0.02")
+    assert code == 2 and seen[-1].guard == 0.02
+    code, _, err = _run(capsys, *argv, "--guard", "-0.1")
+    assert code == 2 and "--guard" in err and len(seen) == 5
+    # past the pruner's range: PruneConfig's own one-line error, exit 2
+    code, _, err = _run(capsys, *argv, "--guard", "0.6")
+    assert code == 2 and "--guard must be in [0, 0.5) (got 0.6)" in err and len(seen) == 5
