@@ -68,6 +68,7 @@ from deeplsp.pruner import (
 )
 from deeplsp.structure import find_groups, prune_groups
 from devices import fingerprint, get_device
+from devices.cpu import layer_cache_weights
 from export import export_onnx
 from profiling.latency_table import LatencyTable
 from profiling.weight_spill import free_weights
@@ -165,7 +166,7 @@ def main() -> None:
         with LatencyTable(device, cache) as table, tempfile.TemporaryDirectory() as tmp:
             lat = LatencyModel(model, shape, groups, table)
             knee = free_weights(table)
-            lat.use_knee(knee)
+            lat.use_knee(knee, layer_cache_weights(device))
             entry.setdefault("free_weights", knee.to_dict())
             timing = Timing(device, 10, args.iters)
             dense_onnx = Path(tmp) / "dense.onnx"
@@ -235,6 +236,7 @@ def main() -> None:
                             **calib.to_dict(),
                             "weight_cost": lat.weight_cost,
                             "free_weights": lat.free_weights,
+                            "layer_cache": lat.layer_cache,
                             "measured_ms": calib_ms,
                         },
                     }

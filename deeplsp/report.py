@@ -406,6 +406,14 @@ def _weight_cost_line(cal: dict) -> str:
     cost = f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights"
     fitted = "(fitted on two measured networks with their weights at opposite ends)"
     knee = cal.get("free_weights") or {}
+    if knee.get("free_weights") is None and cal.get("layer_cache_weights"):
+        return (
+            f"Each weight of a layer on a 1x1 map whose weights fit the core's cache (at most "
+            f"{_count(cal['layer_cache_weights'])}) also costs {cost} {fitted}: timed alone "
+            "such a layer reads them from that cache, inside the network the other layers "
+            "have evicted them, and it uses each once per inference (the device has no "
+            "cache knee: the network's weights all fit its last cache)."
+        )
     if knee.get("free_weights") is None:
         return (
             f"Each weight also costs {cost}, read from memory inside the network but from "

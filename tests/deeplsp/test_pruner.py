@@ -67,6 +67,13 @@ def _layer_ms(sig) -> float:
     return 1e-6 * h * w * sig.out_channels * (sig.in_channels // sig.groups) * 9 + 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _no_host_cache(monkeypatch):
+    """The pipeline reads the core cache of the host it runs on (`layer_cache_weights`);
+    the tests' devices are fakes, so none is known unless a test says so."""
+    monkeypatch.setattr(prune_mod, "layer_cache_weights", lambda device: None)
+
+
 @pytest.fixture
 def tiny(monkeypatch, tmp_path):
     """Register `tinynet` and replace the device clock by functions of MACs."""
@@ -84,6 +91,7 @@ def tiny(monkeypatch, tmp_path):
         "bump": (0.0, 0.0, 1.0),
         "per_weight": 0.0,
         "cache": 0,
+        "layer_cache": None,  # what layer_cache_weights says of the device (not this host)
     }
 
     def network_ms(cost) -> float:
@@ -109,6 +117,7 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
     monkeypatch.setattr(prune_mod.Timing, "time", fake_time)
     monkeypatch.setattr(prune_mod, "free_weights", SMALL_PROBE)
+    monkeypatch.setattr(prune_mod, "layer_cache_weights", lambda device: curve["layer_cache"])
     monkeypatch.setattr(
         prune_mod,
         "LatencyTable",
@@ -253,6 +262,23 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
     assert "timed with the activation it feeds, by ONNX Runtime's kernel time" in md
 
 
+def test_the_run_says_which_weights_it_charges_where_the_core_cache_is_known(
+    tmp_path, tiny, fashionmnist_dir
+):
+    """No knee, the core's cache known: the log, the report and report.json say that only
+    the weights of layers on a 1x1 map within that cache are charged."""
+    tiny["layer_cache"] = 1000
+    lines = []
+    cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
+    probe = prune(cfg, log=lines.append)
+    assert probe["calibration"]["layer_cache_weights"] == 1000
+    said = "weights are charged in layers on a 1x1 map with at most 1,000 (the core's cache)"
+    assert any(said in s for s in lines)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Each weight of a layer on a 1x1 map whose weights fit the core's cache" in md
+    assert "(at most 1,000)" in md
+
+
 def test_weights_cost_only_past_the_devices_cache(tmp_path, tiny, fashionmnist_dir):
     """A device that charges weights only past its first 4,000: the chain probe finds
     that knee, the calibration fits the cost of the weights past it, the report says
@@ -350,6 +376,106 @@ def test_the_weight_cost_predicts_networks_whose_weights_the_uniform_ones_misjud
             abs(old.predict(lat.table_sum(k)) / t - 1) for k, t in zip(nets, truth, strict=True)
         ]
         assert max(old_errors) > 0.40
+
+
+def _streamed_weights(net: nn.Module, shape: tuple[int, ...], limit: int) -> int:
+    """The weights of `net`'s layers on a 1x1 output map with at most `limit` each."""
+    found = []
+
+    def hook(m, i, o):
+        if o.dim() == 2 or o.shape[-2:] == (1, 1):
+            found.append(m.weight.numel() if m.weight.numel() <= limit else 0)
+
+    layers = [m for m in net.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    with torch.no_grad():
+        net.eval()(torch.zeros(shape))
+    for h in handles:
+        h.remove()
+    return sum(found)
+
+
+def test_only_streamed_layers_weights_are_charged_where_the_core_cache_is_known(tmp_path):
+    """With the core's cache known and no knee, a layer's weights are charged only where it
+    works on a 1x1 map and they fit that cache; the knapsack's per-group charges still add
+    up to `table_sum`; a knee (or no cache figure) charges every weight as before."""
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 4, 4)  # TinyNet's last convolution works on a 1x1 map here
+    model = TinyNet(10, 1, 4).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.5, 0.25), 1)
+    full = {g: max(c) for g, c in candidates.items()}
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        sigs = {lk.name: lat.sig_at(lk, full) for lk in lat.links}
+        assert sigs["features.6"].out_hw == (1, 1) and sigs["features.3"].out_hw == (2, 2)
+        no_knee = weight_spill.Knee(None, 1.0, 0.0, ())
+        last, fc = sigs["features.6"].weights, sigs["fc"].weights  # 32x32x3x3 + bias, 32x10 + 10
+        lat.use_knee(no_knee, layer_cache=last)
+        charged = {n: lat.chargeable(s) for n, s in sigs.items()}
+        assert charged == {"features.0": 0, "features.3": 0, "features.6": last, "fc": fc}
+        assert lat.priced(full) == last + fc
+        lat.use_knee(no_knee, layer_cache=last - 1)  # the 3x3 layer no longer fits: read cold
+        assert lat.priced(full) == fc
+        lat.weight_cost = 1e-6
+        assert lat.table_sum(full) == pytest.approx(lat.parts(full)[0] + 1e-6 * fc)
+        per, base = lat.options(full, {g: [max(c)] for g, c in candidates.items()})
+        total = base + sum(v[full[g]] for g, v in per.items())
+        assert total == pytest.approx(lat.table_sum(full))
+        # a knee, or no figure for the cache: every weight, as before
+        lat.use_knee(weight_spill.Knee(1000, 1.0, 1e-6, ()), layer_cache=last)
+        assert lat.layer_cache is None and lat.priced(full) == lat.parts(full)[1] - 1000
+        lat.use_knee(no_knee)
+        assert lat.priced(full) == lat.parts(full)[1]
+
+
+def test_the_weight_cost_on_streamed_layers_predicts_a_device_that_pays_only_for_those(
+    tmp_path, monkeypatch
+):
+    """A device whose only in-network cost beyond the table is the weights of its layers on
+    a 1x1 map (the last convolution and the classifier here): calibrated with the core's
+    cache known, every pruned TinyNet is predicted within 5%; charging every weight
+    instead is further off."""
+    import itertools
+
+    from deeplsp.structure import find_groups
+    from devices import DEVICES
+
+    shape = (1, 1, 4, 4)
+    model = TinyNet(10, 1, 4).eval()
+    groups = find_groups(model, shape)
+    candidates = prune_mod.candidate_keeps(groups, (1.0, 0.75, 0.5, 0.25), 1)
+
+    def clock(net: nn.Module) -> float:
+        macs = count_torch(net, shape).macs
+        return 0.01 + 1e-5 * macs + 5e-5 * _streamed_weights(net, shape, 10**6)
+
+    def fake_measure(net, *a, **kw):
+        return {"latency": {"median": clock(net)}}
+
+    monkeypatch.setattr(prune_mod, "measure_model", fake_measure)
+    table = LatencyTable(
+        DEVICES.get("cpu"), tmp_path / "t.sqlite", measure=lambda s: _stats(_layer_ms(s))
+    )
+    nets = [dict(zip(candidates, k, strict=True)) for k in itertools.product(*candidates.values())]
+    truth = [clock(prune_groups(copy.deepcopy(model), shape, k)) for k in nets]
+    worst = {}
+    with table:
+        for cache in (10**6, None):
+            lat = prune_mod.LatencyModel(model, shape, groups, table)
+            lat.use_knee(weight_spill.Knee(None, 1.0, 0.0, ()), layer_cache=cache)
+            calib, _ = prune_mod.calibrate(lat, model, shape, None, candidates, clock(model))
+            worst[cache] = max(
+                abs(calib.predict(lat.table_sum(k)) / t - 1)
+                for k, t in zip(nets, truth, strict=True)
+            )
+    assert worst[10**6] < 0.05, worst  # 1.3% here
+    assert worst[None] > 0.15, worst  # 26%
 
 
 def test_latency_model_times_each_layer_with_the_activation_it_feeds(tmp_path):

@@ -27,3 +27,42 @@ def test_the_cpu_device_rounds_to_this_machines_block():
     from devices import DEVICES
 
     assert DEVICES.get("cpu").channel_multiple == nchwc_block()
+
+
+def _cache(root, *entries):
+    for i, (level, kind, size) in enumerate(entries):
+        d = root / f"index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    return root
+
+
+def test_core_cache_is_the_level_2_data_or_unified_cache(tmp_path):
+    from devices.cpu import core_cache_bytes
+
+    intel = _cache(
+        tmp_path / "a", (1, "Data", "48K"), (1, "Instruction", "64K"), (2, "Unified", "2048K")
+    )
+    assert core_cache_bytes(intel) == 2 << 20
+    assert core_cache_bytes(_cache(tmp_path / "b", (2, "Data", "1M"))) == 1 << 20
+    # no level 2, no sysfs, or a size it cannot read: unknown
+    assert core_cache_bytes(_cache(tmp_path / "c", (1, "Data", "32K"))) is None
+    assert core_cache_bytes(tmp_path / "missing") is None
+    assert core_cache_bytes(_cache(tmp_path / "d", (2, "Unified", "lots"))) is None
+
+
+def test_layer_cache_weights_only_for_the_onnxruntime_device_this_process_runs(monkeypatch):
+    from dataclasses import replace
+
+    import devices.cpu as cpu
+    from devices import DEVICES
+
+    monkeypatch.setattr(cpu, "core_cache_bytes", lambda: 2 << 20)
+    local = DEVICES.get("cpu")
+    assert cpu.layer_cache_weights(local) == (2 << 20) // 4  # fp32 weights
+    assert cpu.layer_cache_weights(replace(local, url="http://10.0.0.2:8765")) is None
+    assert cpu.layer_cache_weights(DEVICES.get("jetson-orin")) is None  # TensorRT
+    monkeypatch.setattr(cpu, "core_cache_bytes", lambda: None)
+    assert cpu.layer_cache_weights(local) is None
