@@ -373,10 +373,10 @@ class LatencyModel:
         hides the reads; a layer whose weights outgrow the cache read them from further
         out when timed alone too. On 50 random MobileNetV3-L variants (a machine with no
         knee, its 480 MB L3 holding every network) charging every weight put 80% within
-        +-10% of measured, charging these (the squeeze-excitation convolutions and the
-        last stage's, not the 1.2M-weight classifier) 96%, the calibration refitted
-        offline on the same eight networks (bench/README.md, latency_prediction session
-        22). All of them without `layer_cache`."""
+        +-10% of measured; charging these (the squeeze-excitation convolutions and the
+        last stage's, not the 1.2M-weight classifier) 96% offline on the same networks,
+        and 90% of 50 fresh ones (bench/README.md, latency_prediction session 22). All of
+        them without `layer_cache`."""
         if self.layer_cache is None:
             return sig.weights
         streamed = sig.out_hw == (1, 1) and sig.weights <= self.layer_cache
