@@ -386,16 +386,25 @@ class LatencyModel:
         """The weights of a network that the weight cost applies to: those past the free."""
         return weights if self.free_weights is None else max(0, weights - self.free_weights)
 
+    def _sigs(self, keeps: dict[str, int]) -> list[LayerSig]:
+        return [self.sig_at(lk, keeps) for lk in self.links]
+
+    def _priced(self, sigs: list[LayerSig]) -> int:
+        return self.charged(sum(self.chargeable(s) for s in sigs))
+
     def priced(self, keeps: dict[str, int]) -> int:
         """The network's weights that `table_sum` charges: chargeable ones, past the free."""
-        return self.charged(sum(self.chargeable(self.sig_at(lk, keeps)) for lk in self.links))
+        return self._priced(self._sigs(keeps))
 
     def table_sum(self, keeps: dict[str, int]) -> float:
-        return self.parts(keeps)[0] + self.weight_cost * self.priced(keeps)
+        sigs = self._sigs(keeps)
+        got = self.table.get_many(sigs, desc="latency table")
+        return sum(got[s] for s in sigs) + self.weight_cost * self._priced(sigs)
 
     def parts(self, keeps: dict[str, int]) -> tuple[float, int]:
-        """(the table's own sum, weight elements): what `table_sum` adds up."""
-        sigs = [self.sig_at(lk, keeps) for lk in self.links]
+        """(the table's own sum, every weight element): the first is what `table_sum`
+        starts from; the second is what the cache knee counts."""
+        sigs = self._sigs(keeps)
         got = self.table.get_many(sigs, desc="latency table")
         return sum(got[s] for s in sigs), sum(s.weights for s in sigs)
 
@@ -1039,8 +1048,7 @@ def calibrate(
             if name in retime:
                 meas = timed_thrice(meas, partial(timing.time, path))
             measured[name] = meas["latency"]["median"]
-    parts = {n: lat.parts(k) for n, k in nets.items()}
-    point = {n: (t, lat.priced(nets[n]), measured[n]) for n, (t, _) in parts.items()}
+    point = {n: (lat.parts(k)[0], lat.priced(k), measured[n]) for n, k in nets.items()}
     uniform = [point[n] for n in ("dense", "middle", "smallest")]
     probes = [point["weight-heavy cut"], point["weight-heavy kept"]]
     lat.weight_cost = fit_weight_cost(uniform, probes, cap=lat.spill_cost)
