@@ -48,8 +48,18 @@ def test_fit_knee_finds_none_in_a_straight_line_or_a_small_step():
     small = 0.5 * MIN_STEP * 0.1 / W  # the step per layer is half the least that counts
     knee = fit_knee(_hinge(4 * W, per_weight=small))
     assert knee.free is None and knee.per_weight_ms == 0.0
-    with pytest.raises(ValueError, match="at least 4 chain lengths"):
-        fit_knee(_hinge(2 * W, lengths=(1, 2, 3)))
+    with pytest.raises(ValueError, match="at least 5 chain lengths"):
+        fit_knee(_hinge(2 * W, lengths=(1, 2, 3, 4)))
+
+
+def test_one_slow_longest_chain_is_not_a_knee():
+    """Session 22: a chain flat within 2% but for its longest length, 5% slow, read as a
+    knee in one probe of a host and not in the next."""
+    chain = _hinge(1e9, lengths=range(1, 17))
+    chain[-1] = (*chain[-1][:2], chain[-1][2] * 1.05)
+    assert fit_knee(chain).free is None
+    # a knee with three lengths past it is found
+    assert fit_knee(_hinge(13 * W, lengths=range(1, 17))).free == pytest.approx(13 * W, abs=W)
 
 
 # -- the chain files ----------------------------------------------------------------
