@@ -63,7 +63,13 @@ from profiling.weight_spill import Knee, free_weights
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 QUICK_RATIOS = (1.0, 0.75, 0.5, 0.25)
 REPEATS = 3  # timed windows per end-to-end measurement
-RANDOM_NETWORKS = 3  # calibration networks with random per-group counts
+# Calibration networks with random per-group counts. Six, not three: in session 23's run
+# of bench/latency_prediction.py six put 80% of 50 ResNet-18 variants within +-10% of
+# measured where the first three alone put 52% (MobileNetV3-L 96% and 94%), and over 20
+# stored runs on two hosts three more on the curve put a mean 88% there where the runs'
+# own calibrations put 85%, the worst run 69% where it put 48% (bench/README.md,
+# calibration_points). Each costs one timing (~4 s).
+RANDOM_NETWORKS = 6
 # How far the middle calibration network may move between calibration and delivery before
 # the run says the device's speed changed under it. Pairing with the dense model cancels a
 # device that slows down evenly, not one that slows small and large networks unequally.
@@ -359,11 +365,24 @@ class LatencyModel:
 
     def use_knee(self, knee: Knee, layer_cache: int | None = None) -> None:
         """Charge weights past the device's cache knee only, at most at its chain's cost;
-        where there is no knee and `layer_cache` (weights that fit the cache a layer is
-        timed alone in) is known, only streamed layers' weights (`chargeable`)."""
+        where `layer_cache` (weights that fit the cache a layer is timed alone in) is known
+        and there is no knee, or one past the dense network's weights (none of the model's
+        networks reaches it), only streamed layers' weights (`chargeable`). A knee no
+        network reaches prices nothing, and on a host whose chain read one at 11.5M
+        weights (46 MB: bench/README.md, knee_probe) it switched MobileNetV3-L's (4.2M)
+        pricing from its streamed weights to none (74-78% within +-10% offline, 90-96%
+        with the streamed rule: latency_prediction session 22)."""
+        if layer_cache is not None and (knee.free is None or self.dense_weights <= knee.free):
+            self.free_weights, self.spill_cost, self.layer_cache = None, None, layer_cache
+            return
         self.free_weights = knee.free
         self.spill_cost = knee.per_weight_ms if knee.free is not None else None
-        self.layer_cache = layer_cache if knee.free is None else None
+        self.layer_cache = None
+
+    @property
+    def dense_weights(self) -> int:
+        """Every layer weight of the dense network: what a cache knee counts."""
+        return sum(s.weights for s in self.sigs.values())
 
     def chargeable(self, sig: LayerSig) -> int:
         """A layer's weights that the weight cost applies to. Timed alone, run after run, a
@@ -1056,6 +1075,18 @@ def calibrate(
     return Calibration.fit(sums, list(measured.values()), smooth=True), measured
 
 
+def calibration_line(nets: dict[str, dict[str, int]], measured: dict[str, float]) -> str:
+    """The calibration networks' timings for the log; a network that is an earlier one
+    (a tilted network with no charged weights to tilt by, a small model's random draw) is
+    named as that one, not listed as if it were timed apart."""
+    names = list(nets)
+    parts = []
+    for i, name in enumerate(names[1:], 1):  # the dense network is the run's own line
+        same = next((n for n in names[:i] if nets[n] == nets[name]), None)
+        parts.append(f"{name} = {same}" if same else f"{name} {measured[name]:.3f} ms")
+    return ", ".join(parts)
+
+
 def tilted(
     lat: LatencyModel, candidates: dict[str, list[int]]
 ) -> tuple[dict[str, int], dict[str, int]]:
@@ -1312,18 +1343,24 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         lat = stages.run("latency table", LatencyModel, dense, shape, groups, table)
         knee = stages.run("latency table", free_weights, table)
         lat.use_knee(knee, layer_cache_weights(device))
-        log(
-            f"{device.name} keeps {knee.free:,} weights in cache inside a network"
-            if knee.free is not None
-            else f"no cache knee on {device.name} within the probe's "
-            f"{knee.chain[-1][1] / 1e6:.1f}M weights: "
-            + (
-                "every weight is charged"
-                if lat.layer_cache is None
-                else "weights are charged in layers on a 1x1 map with at most "
-                f"{lat.layer_cache:,} (the core's cache)"
-            )
+        charged = (
+            "every weight is charged"
+            if lat.layer_cache is None
+            else "weights are charged in layers on a 1x1 map with at most "
+            f"{lat.layer_cache:,} (the core's cache)"
         )
+        if knee.free is None:
+            log(
+                f"no cache knee on {device.name} within the probe's "
+                f"{knee.chain[-1][1] / 1e6:.1f}M weights: {charged}"
+            )
+        elif lat.free_weights is None:
+            log(
+                f"{device.name} keeps {knee.free:,} weights in cache inside a network, more "
+                f"than the dense {cfg.model}'s {lat.dense_weights:,}: {charged}"
+            )
+        else:
+            log(f"{device.name} keeps {knee.free:,} weights in cache inside a network")
         if cfg.timing == "paired":
             timing = stages.run(
                 "measure",
@@ -1359,7 +1396,7 @@ def _prune(cfg: PruneConfig, log: Callable[[str], None], work: Path) -> dict:
         small_ms = calib_ms["smallest"]
         log(
             "calibration: "
-            + ", ".join(f"{n} {ms:.3f} ms" for n, ms in calib_ms.items() if n != "dense")
+            + calibration_line(calibration_networks(lat, choices), calib_ms)
             + "; each charged weight"
             + (" past the free ones" if lat.free_weights is not None else "")
             + f" costs {1e6 * lat.weight_cost:.3f} table ms per million besides the table entries"

@@ -406,13 +406,18 @@ def _weight_cost_line(cal: dict) -> str:
     cost = f"{1e6 * cal.get('weight_cost', 0.0):.3f} table ms per million weights"
     fitted = "(fitted on two measured networks with their weights at opposite ends)"
     knee = cal.get("free_weights") or {}
-    if knee.get("free_weights") is None and cal.get("layer_cache_weights"):
+    if cal.get("layer_cache_weights"):
+        why = (
+            "the device has no cache knee: the network's weights all fit its last cache"
+            if knee.get("free_weights") is None
+            else f"the device's cache knee, {_count(knee['free_weights'])} weights, lies past "
+            "the dense network's: no network of the model spills its last cache"
+        )
         return (
             f"Each weight of a layer on a 1x1 map whose weights fit the core's cache (at most "
             f"{_count(cal['layer_cache_weights'])}) also costs {cost} {fitted}: timed alone "
             "such a layer reads them from that cache, inside the network the other layers "
-            "have evicted them, and it uses each once per inference (the device has no "
-            "cache knee: the network's weights all fit its last cache)."
+            f"have evicted them, and it uses each once per inference ({why})."
         )
     if knee.get("free_weights") is None:
         return (

@@ -249,7 +249,7 @@ def test_calibration_measures_what_weights_cost_inside_the_network(
     cfg = _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0)
     lines = []
     probe = prune(cfg, log=lines.append)
-    assert probe["calibration"]["points"] == 8
+    assert probe["calibration"]["points"] == 5 + prune_mod.RANDOM_NETWORKS
     assert any(
         s.startswith("calibration: middle") and "weight-heavy kept" in s and "random 3" in s
         for s in lines
@@ -277,6 +277,19 @@ def test_the_run_says_which_weights_it_charges_where_the_core_cache_is_known(
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Each weight of a layer on a 1x1 map whose weights fit the core's cache" in md
     assert "(at most 1,000)" in md
+
+
+def test_the_report_says_why_streamed_weights_are_charged():
+    """Streamed weights are charged where the device has no knee or one past the dense
+    network's weights; the report says which."""
+    from deeplsp.report import _weight_cost_line
+
+    cal = {"weight_cost": 2e-7, "layer_cache_weights": 524288, "free_weights": {}}
+    assert "the device has no cache knee" in _weight_cost_line(cal)
+    cal["free_weights"] = {"free_weights": 11_450_000, "chain": [[1, 1, 1.0]]}
+    line = _weight_cost_line(cal)
+    assert line.startswith("Each weight of a layer on a 1x1 map whose weights fit")
+    assert "the device's cache knee, 11.45M weights, lies past the dense network's" in line
 
 
 def test_weights_cost_only_past_the_devices_cache(tmp_path, tiny, fashionmnist_dir):
@@ -432,6 +445,14 @@ def test_only_streamed_layers_weights_are_charged_where_the_core_cache_is_known(
         assert lat.layer_cache is None and lat.priced(full) == lat.parts(full)[1] - 1000
         lat.use_knee(no_knee)
         assert lat.priced(full) == lat.parts(full)[1]
+        # a knee past the dense network's weights prices nothing, so the core's cache rules
+        assert lat.dense_weights == lat.parts(full)[1]
+        beyond = weight_spill.Knee(lat.dense_weights, 1.0, 1e-6, ())
+        lat.use_knee(beyond, layer_cache=last)
+        assert (lat.free_weights, lat.layer_cache) == (None, last)
+        assert lat.priced(full) == last + fc
+        lat.use_knee(beyond)  # no cache figure: no weight reaches the knee, none is charged
+        assert lat.free_weights == lat.dense_weights and lat.priced(full) == 0
 
 
 def test_the_weight_cost_on_streamed_layers_predicts_a_device_that_pays_only_for_those(
@@ -561,6 +582,25 @@ def test_calibration_networks_add_seeded_random_mixes_to_the_uniform_and_tilted_
         assert prune_mod.calibration_networks(lat, candidates) == nets  # seeded
         other = prune_mod.calibration_networks(lat, candidates, seed=1)
         assert [other[n] for n in randoms] != mixed
+
+
+def test_calibration_line_names_a_network_that_repeats_an_earlier_one():
+    """Where no group has charged weights the tilted networks are the dense and smallest
+    ones: the log says so instead of listing them as if they were timed apart."""
+    nets = {
+        "dense": {"a": 8},
+        "middle": {"a": 4},
+        "smallest": {"a": 1},
+        "weight-heavy cut": {"a": 8},
+        "weight-heavy kept": {"a": 1},
+        "random 1": {"a": 4},
+    }
+    ms = {"dense": 3.0, "middle": 1.5, "smallest": 0.5}
+    ms |= {"weight-heavy cut": 3.0, "weight-heavy kept": 0.5, "random 1": 1.5}
+    assert prune_mod.calibration_line(nets, ms) == (
+        "middle 1.500 ms, smallest 0.500 ms, weight-heavy cut = dense, "
+        "weight-heavy kept = smallest, random 1 = middle"
+    )
 
 
 def test_budget_below_the_smallest_reachable_latency_is_a_clear_error(
