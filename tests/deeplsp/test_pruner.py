@@ -1344,7 +1344,7 @@ def test_short_finetune_selection_scores_each_answer_after_its_short_training(
 
     def fake_adapted_losses(net, adapt, held):
         judged.append(net)
-        return torch.full((8,), float(net.features[3].weight.abs().sum()))
+        return torch.full((8,), float(net.features[3].weight.detach().abs().sum()))
 
     monkeypatch.setattr(prune_mod, "adapted_losses", fake_adapted_losses)
     tables = {1.0: disagreeing.sens, 0.5: disagreeing.other}
