@@ -230,10 +230,11 @@ def main() -> None:
                 onnx_path = Path(tmp) / "variant.onnx"
                 export_onnx(pruned, shape, onnx_path)
                 order = list(ways) if i % 2 == 0 else list(reversed(ways))  # alternate
-                seen = {}
+                seen, sums = {}, {}
                 for way in order:
                     calib, calib_ms, lat.weight_cost = fits[way]
-                    predicted = calib.predict(lat.table_sum(keeps))
+                    sums[way] = lat.table_sum(keeps)
+                    predicted = calib.predict(sums[way])
                     measured = ways[way].time(onnx_path)
                     ms = measured["latency"]["median"]
                     seen[way] = {
@@ -254,9 +255,7 @@ def main() -> None:
                 # the same file again, in another fresh process, a few seconds later
                 again = ways[""].time(onnx_path)["latency"]["median"]
                 own = seen.pop("")
-                lat.weight_cost = fits[""][2]  # the loop may have left the other way's
-                summed = lat.table_sum(keeps)
-                own["three_random"] = three.predict(summed) / own["measured_ms"] - 1
+                own["three_random"] = three.predict(sums[""]) / own["measured_ms"] - 1
                 entry["variants"].append(
                     {
                         "i": i,
@@ -265,7 +264,7 @@ def main() -> None:
                         "remeasured_ms": again,
                         "table_ms": table_ms,
                         "weights": weights,
-                        "table_sum": summed,  # with the weight cost: what the curve maps
+                        "table_sum": sums[""],  # with the weight cost: what the curve maps
                         "keeps": keeps,
                         **seen,
                     }

@@ -1051,11 +1051,11 @@ def calibrate(
     `middle_onnx` (when it is not the dense network), so the run can time it again
     (see `STEADY`). The networks named in `retime` are timed three times (median)."""
     nets = calibration_networks(lat, candidates)
+    same = repeats(nets)
     measured: dict[str, float] = {}
     for name, keeps in nets.items():
-        same = next((n for n in measured if nets[n] == keeps), None)
-        if same is not None:  # a small net: a tilted or random network may be another one
-            measured[name] = measured[same]
+        if name in same:  # a small net: a tilted or random network may be another one
+            measured[name] = measured[same[name]]
             continue
         if name == "dense":
             measured[name] = dense_ms
@@ -1075,16 +1075,27 @@ def calibrate(
     return Calibration.fit(sums, list(measured.values()), smooth=True), measured
 
 
+def repeats(nets: dict[str, dict[str, int]]) -> dict[str, str]:
+    """Each network that is an earlier one in `nets` (same counts), mapped to that one's name:
+    on a small model a tilted or random calibration network can repeat another."""
+    names = list(nets)
+    same = {}
+    for i, name in enumerate(names):
+        first = next((n for n in names[:i] if nets[n] == nets[name]), None)
+        if first is not None:
+            same[name] = first
+    return same
+
+
 def calibration_line(nets: dict[str, dict[str, int]], measured: dict[str, float]) -> str:
     """The calibration networks' timings for the log; a network that is an earlier one
     (a tilted network with no charged weights to tilt by, a small model's random draw) is
     named as that one, not listed as if it were timed apart."""
-    names = list(nets)
-    parts = []
-    for i, name in enumerate(names[1:], 1):  # the dense network is the run's own line
-        same = next((n for n in names[:i] if nets[n] == nets[name]), None)
-        parts.append(f"{name} = {same}" if same else f"{name} {measured[name]:.3f} ms")
-    return ", ".join(parts)
+    same = repeats(nets)
+    return ", ".join(
+        f"{name} = {same[name]}" if name in same else f"{name} {measured[name]:.3f} ms"
+        for name in list(nets)[1:]  # the dense network is the run's own line
+    )
 
 
 def tilted(
