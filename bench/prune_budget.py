@@ -51,6 +51,7 @@ import torch
 import torch_pruning as tp
 from tabulate import tabulate
 
+import deeplsp.pruner
 from deeplsp.atomic import write_json, write_text
 from deeplsp.checkpoint import load_checkpoint
 from deeplsp.datasets import load_split, make_loader
@@ -344,7 +345,16 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, help="ONNX Runtime threads on the cpu device (default: every core)"
     )
+    p.add_argument(
+        "--streamed-weights",
+        choices=("priced", "free"),
+        default="priced",
+        help="'free': DeepLSP without the core cache's size (`layer_cache_weights`), so that "
+        "a model whose weights stay under the device's knee has none priced (session 24)",
+    )
     args = p.parse_args()
+    if args.streamed_weights == "free":
+        deeplsp.pruner.layer_cache_weights = lambda device: None
 
     device = replace(get_device("cpu"), threads=args.threads)
     rows = []
