@@ -87,6 +87,7 @@ def markdown(report: dict) -> str:
         ("ONNX size (MB)", f"{dense['onnx_bytes'] / 1e6:.2f}", f"{pruned['onnx_bytes'] / 1e6:.2f}"),
     ]
     lines += [tabulate(rows, headers=("", "dense", "pruned"), tablefmt="github"), ""]
+    lines += [_finetune_line(cfg), ""]
     if pruned.get("timings_ms"):
         timed = ", ".join(f"{t:.3f}" for t in pruned["timings_ms"])
         lines += [f"The pruned model's latency is the median of its timings ({timed} ms).", ""]
@@ -399,6 +400,25 @@ def write_comparison(out: Path, summary: dict) -> None:
     write_text(out / "results.csv", buf.getvalue())
     write_json(out / "results.json", summary)
     write_text(out / "results.md", comparison_markdown(summary))
+
+
+def _finetune_line(cfg: dict) -> str:
+    """What the pruned accuracy is after: a run with no fine-tuning reports the cut weights'
+    accuracy (9% on a 30% MobileNetV3-L cut), which reads as a failure unless said."""
+    epochs = cfg["finetune_epochs"]
+    if not epochs:
+        return (
+            "The pruned model is not fine-tuned (`--finetune-epochs 0`): its accuracy is "
+            "that of the weights as cut."
+        )
+    images = cfg.get("train_subset") or "all"
+    kd = (
+        f"cross-entropy plus {cfg['kd_alpha']:g} x the distillation loss from the dense model "
+        f"at temperature {cfg['kd_temperature']:g}"
+        if cfg["kd_alpha"]
+        else "cross-entropy alone"
+    )
+    return f"The pruned model is fine-tuned {epochs} epoch(s) on {images} training images: {kd}."
 
 
 def _weight_cost_line(cal: dict) -> str:

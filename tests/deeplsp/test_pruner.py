@@ -181,6 +181,8 @@ def test_budget_run_delivers_a_smaller_measured_model_and_all_outputs(
     before = r["pruned"]["test_before_finetune"]["top1"]
     row = rf"\| test top-1 before fine-tuning +\| +\| +{re.escape(f'{before:.2%}')} +\|"
     assert re.search(row, (out / "report.md").read_text())
+    said = "The pruned model is fine-tuned 1 epoch(s) on all training images: cross-entropy "
+    assert said + "plus 0.5 x the distillation loss" in (out / "report.md").read_text()
 
 
 def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashionmnist_dir):
@@ -192,6 +194,8 @@ def test_second_run_reuses_sensitivity_and_latency_table(tmp_path, tiny, fashion
     assert first["sensitivity"]["mode"] == "context" and first["sensitivity"]["ratio"] == 0.5
     assert not first["sensitivity"]["cached"] and second["sensitivity"]["cached"]
     assert first["pruned"]["test_before_finetune"] is None  # no fine-tuning, nothing before
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "The pruned model is not fine-tuned (`--finetune-epochs 0`)" in md
     assert first["latency_table"]["new_rows"] > 0 and second["latency_table"]["new_rows"] == 0
 
 
