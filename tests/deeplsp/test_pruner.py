@@ -1056,6 +1056,40 @@ def test_coupled_allocation_charges_every_weight_and_spends_what_the_free_ones_l
         assert answers[3] == answers[4] == free_of_cost
 
 
+def test_a_delivered_network_grows_step_by_step_up_to_the_goal(tmp_path):
+    """Where the knapsack has no larger answer within the goal, the climb grows the
+    delivered network one candidate step at a time, the step that removes the most loss
+    per table ms first, until no step is predicted within the goal."""
+    model, shape, groups, candidates, sens, table = _mac_knapsack(tmp_path)
+    with table:
+        lat = prune_mod.LatencyModel(model, shape, groups, table)
+        selector = prune_mod.Selector(None, None, {}, lat, candidates, sens, {1.0: sens}, None)
+        smallest = {g: min(c) for g, c in candidates.items()}
+        full = {g: max(c) for g, c in candidates.items()}
+        same = Calibration.fit([1.0, 2.0], [1.0, 2.0])  # predicts the table sum itself
+        goal = (lat.table_sum(smallest) + lat.table_sum(full)) / 2
+        out = prune_mod.grown(smallest, selector, lat, same, goal)
+        assert out is not None and lat.table_sum(out) <= goal
+        assert all(out[g] >= smallest[g] for g in out) and out != smallest
+        for g, c in candidates.items():  # no further step fits
+            up = min((k for k in c if k > out[g]), default=None)
+            assert up is None or lat.table_sum({**out, g: up}) > goal
+        # the first step: the most loss removed per table ms
+        first = prune_mod.grown(smallest, selector, lat, same, lat.table_sum(smallest) * 1.0001)
+        assert first is None  # nothing fits a goal the network already fills
+
+        def rate(g):
+            up = min(k for k in candidates[g] if k > smallest[g])
+            trial = {**smallest, g: up}
+            gain = selector.cost(smallest) - selector.cost(trial)
+            return gain / (lat.table_sum(trial) - lat.table_sum(smallest))
+
+        best = max(candidates, key=lambda g: (rate(g), g))
+        step = min(k for k in candidates[best] if k > smallest[best])
+        one = lat.table_sum({**smallest, best: step})
+        assert prune_mod.grown(smallest, selector, lat, same, one) == {**smallest, best: step}
+
+
 def test_coupled_allocation_holds_the_budget_when_narrow_inputs_time_slower(tmp_path):
     """Measured tables are not monotone in input width (a layer can run slower on a
     misaligned, narrower input): the full-width charge then under-states the network and
@@ -1743,3 +1777,40 @@ def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
     assert over["search"][1]["keeps"] == up["keeps"] and ms(over["search"][1]) > goal
     assert delivered(over) == first["keeps"]
     assert any(s.startswith("iteration 2: climbing toward") and "over the goal" in s for s in lines)
+
+
+def test_the_climb_grows_the_network_where_the_knapsack_has_no_larger_answer(
+    tmp_path, tiny, fashionmnist_dir, costly, monkeypatch
+):
+    probe = prune(
+        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
+    )
+    budget = 0.6 * _dense_ms(probe)
+    goal = (1 - 0.06) * budget
+    cfg = _cfg(
+        tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, selection="sensitivity"
+    )
+    answers = []
+    allocate = prune_mod.Selector.allocate
+
+    def first_answer_only(self, table_budget):  # a family whose next answer is past the goal
+        answers.append(allocate(self, table_budget))
+        return answers[0]
+
+    monkeypatch.setattr(prune_mod.Selector, "allocate", first_answer_only)
+    lines = []
+    r = prune(cfg, log=lines.append)
+    first, up = r["search"][0], r["search"][1]
+    assert any(
+        s == "iteration 2: no larger knapsack answer; iteration 1 grown instead" for s in lines
+    )
+    assert up["note"] == "iteration 2 (climb, iteration 1 grown)"
+    assert (
+        all(up["keeps"][g] >= k for g, k in first["keeps"].items())
+        and up["keeps"] != first["keeps"]
+    )
+    assert up["cost"] < first["cost"]
+    ms = up["measured"]["latency"]["median"]
+    delivered = {g["id"]: g["keep"] for g in r["groups"]}
+    assert delivered == (up["keeps"] if ms <= goal else first["keeps"])
+    assert len(r["search"]) <= 1 + cfg.climb
