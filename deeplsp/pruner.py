@@ -1932,10 +1932,10 @@ def grown(
     """`keeps` grown one candidate step at a time, each time in the group whose next step
     removes the most cost (`Selector.cost`) per table ms added, while `calib` predicts the
     network within `goal_ms`; None when no step fits. The knapsack's answers are a
-    discrete family: at 30% of MobileNetV3-L's latency its next answer above the
-    delivered network lay past the goal twice in three runs, which stopped the climb at
-    86-90% of the budget, and there a point of top-1 cost about 0.3% of the dense
-    latency (bench/README.md, prune_budget session 24)."""
+    discrete family: at 30% of MobileNetV3-L's latency, in two of three searches priced
+    by streamed weights, it had no answer above the delivered network within the goal,
+    which stopped them at 88-90% of the budget, where each 1% of the dense latency was
+    worth about four points of top-1 (bench/README.md, prune_budget session 24)."""
     out, ms_now = dict(keeps), lat.table_sum(keeps)
     while True:
         steps = []
