@@ -1892,6 +1892,8 @@ def _climb(cfg, shape, timing, lat, selector, family, history, best, goal_ms, lo
             break
         how = f", {blend})" if chose else ")"
         if lat.table_sum(keeps) <= best.table_ms or any(c.keeps == keeps for c in history):
+            best_ms = best.measured["latency"]["median"]
+            calib = calib.scaled(best_ms / calib.predict(best.table_ms))
             keeps = grown(best.keeps, selector, lat, calib, goal_ms)
             if keeps is None or any(c.keeps == keeps for c in history):
                 log(f"{label}: no larger network left to measure below {goal_ms:.3f} ms")
@@ -1931,7 +1933,10 @@ def grown(
 ) -> dict[str, int] | None:
     """`keeps` grown one candidate step at a time, each time in the group whose next step
     removes the most cost (`Selector.cost`) per table ms added, while `calib` predicts the
-    network within `goal_ms`; None when no step fits. The knapsack's answers are a
+    network within `goal_ms`; None when no step fits. `_climb` hands it a curve scaled
+    through the measured network itself: the curve through the knapsack's answers put a
+    network the search had stepped to between two of them 16% over its measured latency,
+    and with it every step past the goal. The knapsack's answers are a
     discrete family: at 30% of MobileNetV3-L's latency, in two of three searches priced
     by streamed weights, it had no answer above the delivered network within the goal,
     which stopped them at 88-90% of the budget, where each 1% of the dense latency was

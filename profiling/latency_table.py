@@ -700,6 +700,12 @@ class Calibration:
             smooth=smooth,
         )
 
+    def scaled(self, factor: float) -> Calibration:
+        """The same curve with every prediction times `factor` (its measured points scaled):
+        a curve put through one measured network it missed."""
+        xs, ys = zip(*self.fit_points, strict=True)
+        return Calibration.fit(xs, [factor * y for y in ys], smooth=self.smooth)
+
     def _curve(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(log table sum, log ms) knots, non-decreasing; None below two distinct sums."""
         by_sum: dict[float, list[float]] = {}

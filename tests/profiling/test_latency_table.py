@@ -469,6 +469,16 @@ def test_smooth_calibration_never_falls_and_needs_a_point_between_its_ends():
     assert two.predict(2.0) == pytest.approx(Calibration.fit([1.0, 4.0], [1.0, 3.0]).predict(2.0))
 
 
+def test_a_scaled_calibration_predicts_every_sum_times_its_factor():
+    xs, ys = [0.5, 1.0, 2.0, 4.0], [0.4, 1.1, 2.3, 5.0]
+    for smooth in (False, True):
+        cal = Calibration.fit(xs, ys, smooth=smooth)
+        up = cal.scaled(1.25)
+        assert up.smooth == smooth
+        for x in (0.3, 0.5, 1.5, 3.0, 6.0):
+            assert up.predict(x) == pytest.approx(1.25 * cal.predict(x))
+
+
 def test_calibration_to_dict_is_json():
     cal = Calibration.fit([2.0, 4.0, 7.0], [3.0, 5.5, 8.0])
     back = json.loads(json.dumps(cal.to_dict()))
