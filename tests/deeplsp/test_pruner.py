@@ -1734,18 +1734,20 @@ def test_a_measured_network_is_preferred_by_its_cost_unless_adaptive_bn_clearly_
     assert plain.better(large, small) and not plain.better(small, large)
 
 
+def _climbing(tmp_path, data) -> tuple[PruneConfig, float]:
+    """A run at 60% of the dense latency on the loss-increase knapsack's family alone (no
+    judge), to watch the climb's mechanics; and its goal (the budget less the guard)."""
+    probe = prune(_cfg(tmp_path, data, budget_ms=1e6, finetune_epochs=0), log=lambda s: None)
+    budget = 0.6 * _dense_ms(probe)
+    cfg = _cfg(tmp_path, data, budget_ms=budget, finetune_epochs=0, selection="sensitivity")
+    return cfg, (1 - 0.06) * budget
+
+
 def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
     tmp_path, tiny, fashionmnist_dir, costly
 ):
-    probe = prune(
-        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
-    )
-    budget = 0.6 * _dense_ms(probe)
-    goal = (1 - 0.06) * budget
-    # the climb's mechanics on the loss-increase knapsack's family alone (no judge)
-    cfg = _cfg(
-        tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, selection="sensitivity"
-    )
+    cfg, goal = _climbing(tmp_path, fashionmnist_dir)
+    budget = cfg.budget_ms
     plain = prune(replace(cfg, climb=0), log=lambda s: None)
     climbed = prune(cfg, log=lambda s: None)
 
@@ -1782,14 +1784,7 @@ def test_after_the_search_larger_answers_are_measured_up_to_the_goal(
 def test_the_climb_grows_the_network_where_the_knapsack_has_no_larger_answer(
     tmp_path, tiny, fashionmnist_dir, costly, monkeypatch
 ):
-    probe = prune(
-        _cfg(tmp_path, fashionmnist_dir, budget_ms=1e6, finetune_epochs=0), log=lambda s: None
-    )
-    budget = 0.6 * _dense_ms(probe)
-    goal = (1 - 0.06) * budget
-    cfg = _cfg(
-        tmp_path, fashionmnist_dir, budget_ms=budget, finetune_epochs=0, selection="sensitivity"
-    )
+    cfg, goal = _climbing(tmp_path, fashionmnist_dir)
     answers = []
     allocate = prune_mod.Selector.allocate
 
