@@ -1933,15 +1933,15 @@ def grown(
 ) -> dict[str, int] | None:
     """`keeps` grown one candidate step at a time, each time in the group whose next step
     removes the most cost (`Selector.cost`) per table ms added, while `calib` predicts the
-    network within `goal_ms`; None when no step fits. `_climb` hands it a curve scaled
-    through the measured network itself: the curve through the knapsack's answers put a
-    network the search had stepped to between two of them 16% over its measured latency,
-    and with it every step past the goal. The knapsack's answers are a
+    network within `goal_ms`; None when no step fits. The knapsack's answers are a
     discrete family: at 30% of MobileNetV3-L's latency, in two of three searches priced
     by streamed weights, it had no answer above the delivered network within the goal,
     which stopped them at 88-90% of the budget, where each 1% of the dense latency was
-    worth about four points of top-1 (bench/README.md, prune_budget session 24)."""
-    out, ms_now = dict(keeps), lat.table_sum(keeps)
+    worth about four points of top-1; grown, one reached 94% and 63.6% (bench/README.md,
+    prune_budget session 24). `_climb` hands it the curve scaled through the measured
+    network itself: the curve through the knapsack's answers had put a network the search
+    stepped to between two of them 16% over its measured latency, every step past the goal."""
+    out, table_now = dict(keeps), lat.table_sum(keeps)
     while True:
         steps = []
         for g, opts in selector.candidates.items():
@@ -1953,10 +1953,10 @@ def grown(
             if calib.predict(table_ms) > goal_ms:
                 continue
             gain = selector.cost(out) - selector.cost(trial)
-            steps.append((gain / max(table_ms - ms_now, 1e-12), g, trial, table_ms))
+            steps.append((gain / max(table_ms - table_now, 1e-12), g, trial, table_ms))
         if not steps:
             break
-        _, _, out, ms_now = max(steps, key=lambda s: s[:2])
+        _, _, out, table_now = max(steps, key=lambda s: s[:2])
     return out if out != keeps else None
 
 
