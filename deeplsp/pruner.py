@@ -1898,8 +1898,9 @@ def _climb(cfg, shape, timing, lat, selector, family, history, best, goal_ms, lo
             if keeps is None or any(c.keeps == keeps for c in history):
                 log(f"{label}: no larger network left to measure below {goal_ms:.3f} ms")
                 break
-            how, chose = f", {best.note.split(' (')[0]} grown)", ""
-            log(f"{label}: no larger knapsack answer; {best.note.split(' (')[0]} grown instead")
+            base = best.note.split(" (")[0]
+            how, chose = f", {base} grown)", ""
+            log(f"{label}: no larger knapsack answer; {base} grown instead")
         if chose:
             log(f"{label}: {chose}")
         cand = _try(keeps, label, cfg, shape, timing, lat, calib, selector, log)
@@ -1943,7 +1944,7 @@ def grown(
     stepped to between two of them 16% over its measured latency, every step past the goal."""
     out, table_now = dict(keeps), lat.table_sum(keeps)
     while True:
-        steps = []
+        steps, cost_now = [], selector.cost(out)
         for g, opts in selector.candidates.items():
             up = min((k for k in opts if k > out[g]), default=None)
             if up is None:
@@ -1952,7 +1953,7 @@ def grown(
             table_ms = lat.table_sum(trial)
             if calib.predict(table_ms) > goal_ms:
                 continue
-            gain = selector.cost(out) - selector.cost(trial)
+            gain = cost_now - selector.cost(trial)
             steps.append((gain / max(table_ms - table_now, 1e-12), g, trial, table_ms))
         if not steps:
             break
